@@ -1,0 +1,250 @@
+"""W/checkpoints: the Orbax CheckpointManager with trainkit's retention, aliases, manifests and restore.
+
+A step dir `W/checkpoints/000040/` holds the Orbax items `state` (TrainState), `data` (iterator position) and
+`meta` (format version, model, metrics, best-so-far, logger ids), plus `train_config.json` and `manifest.json`
+(sizes and sha256 of every file). The manifest is written after Orbax has finalized the step, in a background
+thread, so the loop never waits on I/O; a step is *good* when its manifest verifies.
+
+Retention keeps the union of the last `keep_last`, the best `keep_best` by `best_metric`, and every `keep_every`-th
+step (an AnyPreservationPolicy: Orbax's own best_fn + max_to_keep would delete the latest step when it is not
+among the best). Aliases `last`/`best`/`final` are pointer files (see trainkit.sources).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from trainkit import config as config_lib
+from trainkit.errors import TrainkitError
+from trainkit.manifest import verify_manifest, write_manifest
+from trainkit.aliases import list_steps, read_alias, step_dir_name, write_alias
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "train_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What a checkpoint step holds, restored onto the current mesh."""
+
+    state: Any
+    data_state: dict[str, Any] | None
+    meta: dict[str, Any]
+    step: int
+    step_dir: Path
+
+
+def read_step_config(step_dir: Path) -> dict[str, Any]:
+    """The resolved config a step was trained with."""
+    path = Path(step_dir) / CONFIG_FILE
+    if not path.exists():
+        raise TrainkitError(f"{step_dir} has no {CONFIG_FILE}; it is not a trainkit checkpoint step")
+    return json.loads(path.read_text())
+
+
+def read_meta(step_dir: Path) -> dict[str, Any]:
+    """The `meta` item (format version, model, metrics, best), checking the format version first."""
+    step_dir = Path(step_dir)
+    manifest = step_dir / "manifest.json"
+    version = json.loads(manifest.read_text()).get("format_version", 0) if manifest.exists() else 0
+    if version > FORMAT_VERSION:
+        raise TrainkitError(
+            f"{step_dir} has checkpoint format version {version}, newer than this trainkit reads "
+            f"({FORMAT_VERSION}); upgrade trainkit (pip install -U trainkit)"
+        )
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+    return upgrade_meta(meta)
+
+
+def upgrade_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """Bring `meta` of an older format version up to FORMAT_VERSION (one step per version, as metatrain does)."""
+    upgrades: dict[int, Any] = {}  # version -> function(meta) -> meta of version + 1
+    version = int(meta.get("format_version", 1))
+    while version < FORMAT_VERSION:
+        meta = upgrades[version](meta)
+        version += 1
+    return meta
+
+
+def restore_step(step_dir: Path, abstract_state: Any, *, params_only: bool = False) -> Restored:
+    """Restore a step dir into `abstract_state`'s shapes, dtypes and shardings (any mesh, any device count).
+
+    With `params_only`, `abstract_state` is the abstract params tree and only `state.params` is read.
+    """
+    step_dir = Path(step_dir)
+    meta = read_meta(step_dir)
+    checkpointer = ocp.StandardCheckpointer()
+    if params_only:
+        target = {"params": abstract_state}
+        restored = checkpointer.restore(step_dir / "state", ocp.args.StandardRestore(target, strict=False))
+        state = restored["params"]
+    else:
+        state = checkpointer.restore(step_dir / "state", ocp.args.StandardRestore(abstract_state))
+    data_dir = step_dir / "data"
+    data_state = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(data_dir) if data_dir.exists() else None
+    return Restored(state, data_state, meta, int(meta["step"]), step_dir)
+
+
+def _preservation_policy(ck: ml_collections.ConfigDict) -> pp.PreservationPolicy:
+    policies: list[pp.PreservationPolicy] = [pp.LatestN(ck.keep_last)]
+    if ck.keep_best:
+        policies.append(
+            pp.BestN(
+                get_metric_fn=lambda m: m[ck.best_metric],
+                reverse=ck.best_mode == "min",
+                n=ck.keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    if ck.keep_every:
+        policies.append(pp.EveryNSteps(ck.keep_every))
+    return pp.AnyPreservationPolicy(policies)
+
+
+class CheckpointManager:
+    """Saves and lists the steps of one workdir. All processes call `save`; process 0 writes files."""
+
+    def __init__(self, workdir: str | Path, config: ml_collections.ConfigDict):
+        self.directory = Path(workdir) / "checkpoints"
+        self.config = config
+        ck = config.checkpoint
+        self._primary = jax.process_index() == 0
+        self._sync = not ck.async_save
+        options = ocp.CheckpointManagerOptions(
+            step_format_fixed_length=6,
+            preservation_policy=_preservation_policy(ck),
+            best_fn=(lambda m: m[ck.best_metric]) if ck.keep_best else None,
+            best_mode=ck.best_mode,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=ck.async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("state", "data", "meta"),
+            options=options,
+        )
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt")
+        self._pending: concurrent.futures.Future | None = None
+        self.last_blocked_s = 0.0
+        self.saves: list[dict[str, float]] = []  # one record per save: step, bytes, seconds, blocked_s
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Complete steps on disk, oldest first (partial saves are never listed)."""
+        return list_steps(self.directory)
+
+    def latest_good_step(self) -> int | None:
+        """The newest step whose manifest verifies; damaged steps are skipped with a warning."""
+        for step in reversed(self.steps()):
+            step_dir = self.directory / step_dir_name(step)
+            if not (step_dir / "manifest.json").exists() and (step_dir / "_CHECKPOINT_METADATA").exists():
+                # Orbax finalized it (an atomic rename) but the run died before writing the manifest.
+                self._complete(step)
+            problems = verify_manifest(step_dir)
+            if not problems:
+                return step
+            print(f"trainkit: warning: skipping damaged checkpoint {step_dir}: {problems[0]}", flush=True)
+        return None
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / step_dir_name(step)
+
+    def alias(self, name: str) -> int | None:
+        return read_alias(self.directory, name)
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: Mapping[str, Any],
+        meta: Mapping[str, Any],
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
+        """Start saving `step`; returns once the arrays are copied off the devices (async) or written (sync)."""
+        self.wait()
+        start = time.perf_counter()
+        meta = {**meta, "format_version": FORMAT_VERSION, "step": step}
+        ok = self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(dict(data_state)),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            metrics=dict(metrics) if metrics else None,
+            force=True,
+        )
+        if not ok:
+            raise RuntimeError(f"Orbax declined to save step {step}")
+        blocked = time.perf_counter() - start
+        self.last_blocked_s = blocked
+        self._pending = self._worker.submit(self._after_save, step, start, blocked)
+        if self._sync:
+            self.wait()
+
+    def _after_save(self, step: int, start: float, blocked: float) -> None:
+        self._manager.wait_until_finished()
+        seconds = time.perf_counter() - start
+        nbytes = self._complete(step)
+        if nbytes is None:  # removed by retention before we got here (cannot happen for the latest)
+            return
+        if self._primary:
+            write_alias(self.directory, "last", step)
+            best = self._manager.best_step()
+            if self.config.checkpoint.keep_best and best is not None:
+                write_alias(self.directory, "best", best)
+        record = {"step": step, "bytes": nbytes, "seconds": seconds, "blocked_s": blocked}
+        self.saves.append(record)
+        if self._primary:
+            print(f"trainkit: saved step {step}: {nbytes / 1e6:.1f} MB in {seconds:.2f} s "
+                  f"({nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s), train loop blocked {blocked * 1e3:.1f} ms",
+                  flush=True)
+
+    def _complete(self, step: int) -> int | None:
+        """Write train_config.json and the manifest of a finalized step; return its size in bytes."""
+        step_dir = self.step_dir(step)
+        if not step_dir.exists():
+            return None
+        if self._primary:
+            (step_dir / CONFIG_FILE).write_text(json.dumps(config_lib.to_dict(self.config), indent=2))
+            manifest = write_manifest(step_dir, step=step, format_version=FORMAT_VERSION)
+            return sum(f["size"] for f in manifest["files"].values())
+        return 0
+
+    def wait(self) -> None:
+        """Block until the pending save is on disk with its manifest; re-raise its error if it failed."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def mark_final(self, step: int) -> None:
+        self.wait()
+        if self._primary:
+            write_alias(self.directory, "final", step)
+
+    def best_value(self) -> float | None:
+        """The best `best_metric` among the kept steps (survives restarts: Orbax stores metrics per step)."""
+        best = self._manager.best_step()
+        if best is None:
+            return None
+        metrics = self._manager.metrics(best) if hasattr(self._manager, "metrics") else None
+        value = (metrics or {}).get(self.config.checkpoint.best_metric)
+        return None if value is None or math.isnan(value) else float(value)
+
+    def close(self) -> None:
+        self.wait()
+        self._manager.close()
+        self._worker.shutdown()

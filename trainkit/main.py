@@ -1,0 +1,79 @@
+"""Train from a config file: `python -m trainkit.main --config=configs/default.py --workdir=W`."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from trainkit.errors import exits_cleanly, fail
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally with an argument: configs/lm_chars.py:tiny")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
+flags.DEFINE_string("resume_from", None, "Resume the full state from a checkpoint SOURCE (path, alias, URL, hf://).")
+flags.DEFINE_string("init_from", None, "Fine-tune: load params from SOURCE; fresh optimizer and step 0.")
+flags.DEFINE_bool("partial", False, "With --init_from: load only parameters whose name and shape match.")
+flags.DEFINE_bool("fresh", False, "Ignore checkpoints in the workdir (needs --overwrite if there are any).")
+flags.DEFINE_bool("overwrite", False, "With --fresh: delete the workdir's existing checkpoints.")
+flags.DEFINE_string("hf_token", None, "Hugging Face token for hf:// sources (default: $HF_TOKEN). Never stored.")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with user errors as one line (no usage dump)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(friendly_flag_error(str(e)))
+    except FileNotFoundError as e:
+        fail(f"config file {e.filename} does not exist; pass --config=configs/default.py or another file")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        fail(f"invalid config override: {e}; see docs/configuration.md for the keys and their types")
+    return []
+
+
+def friendly_flag_error(message: str) -> str:
+    first = message.strip().splitlines()[0]
+    if "Unknown command line flag 'config." in message:
+        key = first.split("'")[1]
+        return f"unknown config key --{key}; see docs/configuration.md for the keys (or `--config.model.name`)"
+    if "Unknown command line flag" in message:
+        return f"{first}; run with --helpshort to see the flags"
+    return f"{first}; check the value's type against docs/configuration.md"
+
+
+@exits_cleanly
+def main(argv: list[str]) -> None:
+    del argv
+    if not FLAGS["verbosity"].present:  # Orbax logs every step at INFO; trainkit prints its own summary lines
+        logging.set_verbosity(logging.WARNING)
+    if FLAGS.config is None or FLAGS.workdir is None:
+        fail("--config and --workdir are required, e.g. --config=configs/default.py --workdir=/tmp/run")
+    from trainkit import distributed
+
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from trainkit.train import RunOptions, train_and_evaluate  # after distributed init: it touches devices
+
+    options = RunOptions(
+        resume_from=FLAGS.resume_from,
+        init_from=FLAGS.init_from,
+        partial=FLAGS.partial,
+        fresh=FLAGS.fresh,
+        overwrite=FLAGS.overwrite,
+        hf_token=FLAGS.hf_token,
+    )
+    result = train_and_evaluate(FLAGS.config, FLAGS.workdir, options)
+    if result.stopped_by is None:
+        print(f"trainkit: done at step {result.step}", flush=True)
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,60 @@
+"""The one place that writes metrics: metrics.jsonl, TensorBoard, W&B (optional), on process 0 only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    """All records of W/metrics.jsonl (metrics lines and `event` lines such as resumes)."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    """Appends `{"step": s, "train/loss": ...}` lines; on resume, drops lines past the restored step so that
+    no step is ever recorded twice, and records the resume as an event line."""
+
+    def __init__(self, workdir: str | Path, start_step: int, *, resumed: bool, wandb_run: Any = None):
+        self.enabled = jax.process_index() == 0
+        self._wandb = wandb_run
+        self._tb = None
+        if not self.enabled:
+            return
+        self.path = Path(workdir) / METRICS_FILE
+        if self.path.exists():
+            kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        if resumed:
+            self._line({"step": start_step, "event": "resume"})
+        from tensorboardX import SummaryWriter  # imported late: it is slow to import
+
+        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
+
+    def _line(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in metrics.items()}
+        self._line({"step": step, **values})
+        for k, v in values.items():
+            self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
