@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -77,23 +78,33 @@ def upgrade_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def restore_step(step_dir: Path, abstract_state: Any, *, params_only: bool = False) -> Restored:
-    """Restore a step dir into `abstract_state`'s shapes, dtypes and shardings (any mesh, any device count).
-
-    With `params_only`, `abstract_state` is the abstract params tree and only `state.params` is read.
-    """
+def restore_step(step_dir: Path, abstract_state: Any) -> Restored:
+    """Restore a step dir into `abstract_state`'s shapes, dtypes and shardings (any mesh, any device count)."""
     step_dir = Path(step_dir)
     meta = read_meta(step_dir)
-    checkpointer = ocp.StandardCheckpointer()
-    if params_only:
-        target = {"params": abstract_state}
-        restored = checkpointer.restore(step_dir / "state", ocp.args.StandardRestore(target, strict=False))
-        state = restored["params"]
-    else:
-        state = checkpointer.restore(step_dir / "state", ocp.args.StandardRestore(abstract_state))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    state = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        step_dir / "state", args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
+    )
     data_dir = step_dir / "data"
     data_state = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(data_dir) if data_dir.exists() else None
     return Restored(state, data_state, meta, int(meta["step"]), step_dir)
+
+
+def read_state_arrays(step_dir: Path) -> dict[str, Any]:
+    """The saved TrainState as a tree of host numpy arrays, whatever mesh wrote it (export, ckpt, init_from)."""
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    tree = checkpointer.metadata(Path(step_dir) / "state").item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(
+        Path(step_dir) / "state", args=ocp.args.PyTreeRestore(item=None, restore_args=restore_args)
+    )
+
+
+def read_step_metrics(step_dir: Path) -> dict[str, float]:
+    """The eval metrics recorded with a step ({} for steps saved without an eval)."""
+    path = Path(step_dir) / "metrics" / "metrics"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _preservation_policy(ck: ml_collections.ConfigDict) -> pp.PreservationPolicy:
@@ -132,7 +143,11 @@ class CheckpointManager:
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
-            item_names=("state", "data", "meta"),
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(use_compression=ck.compression),
+                "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
             options=options,
         )
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt")
@@ -180,7 +195,7 @@ class CheckpointManager:
         ok = self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 data=ocp.args.JsonSave(dict(data_state)),
                 meta=ocp.args.JsonSave(meta),
             ),

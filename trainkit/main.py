@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -31,7 +32,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(friendly_flag_error(str(e)))
     except FileNotFoundError as e:
         fail(f"config file {e.filename} does not exist; pass --config=configs/default.py or another file")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError) as e:
+        key = str(e.args[0]).strip("'\"") if e.args else ""
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.") and key and key in a]
+        if overrides:
+            fail(f"unknown config key {overrides[0]}; see docs/configuration.md for the keys")
+        fail(f"invalid config override: {e}; see docs/configuration.md for the keys and their types")
+    except (TypeError, ValueError) as e:
         fail(f"invalid config override: {e}; see docs/configuration.md for the keys and their types")
     return []
 
@@ -46,6 +53,18 @@ def friendly_flag_error(message: str) -> str:
     return f"{first}; check the value's type against docs/configuration.md"
 
 
+def load_config():
+    """FLAGS.config, with config_flags' deferred load errors turned into one line."""
+    path = (FLAGS["config"].config_filename or "").split(":")[0]
+    if path and not os.path.exists(path):
+        fail(f"config file {path} does not exist; pass a path like --config=configs/default.py")
+    try:
+        return FLAGS.config
+    except OSError as e:
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        fail(f"config file {path} failed to load: {detail}")
+
+
 @exits_cleanly
 def main(argv: list[str]) -> None:
     del argv
@@ -53,6 +72,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     if FLAGS.config is None or FLAGS.workdir is None:
         fail("--config and --workdir are required, e.g. --config=configs/default.py --workdir=/tmp/run")
+    config = load_config()
     from trainkit import distributed
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -66,7 +86,7 @@ def main(argv: list[str]) -> None:
         overwrite=FLAGS.overwrite,
         hf_token=FLAGS.hf_token,
     )
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir, options)
+    result = train_and_evaluate(config, FLAGS.workdir, options)
     if result.stopped_by is None:
         print(f"trainkit: done at step {result.step}", flush=True)
 

@@ -12,10 +12,9 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from trainkit import config as config_lib
-from trainkit.checkpointing import CheckpointManager, Restored, read_step_config, restore_step
+from trainkit.checkpointing import CheckpointManager, Restored, read_state_arrays, read_step_config, restore_step
 from trainkit.errors import TrainkitError
 from trainkit.sharding import path_name
 
@@ -49,18 +48,6 @@ def check_compatible(step_dir: Path, config: ml_collections.ConfigDict, *, for_i
             f"cannot resume {step_dir}: {', '.join(structural)} changed, which changes the parameters; "
             "revert them, or start a new workdir with --init_from (and --partial for matching parameters)"
         )
-
-
-def read_params_numpy(step_dir: Path) -> Any:
-    """The params tree of a step as host numpy arrays, whatever mesh wrote it (for init_from, export, ckpt)."""
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(Path(step_dir) / "state")
-    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = checkpointer.restore(
-        Path(step_dir) / "state", args=ocp.args.PyTreeRestore(item=None, restore_args=restore_args)
-    )
-    return restored["params"]
 
 
 def merge_params(fresh: Any, loaded: Any, *, partial: bool, origin: str) -> Any:
@@ -119,7 +106,7 @@ def find_start(
     if init_from:
         resolved = resolve_source(init_from, hf_token=hf_token)
         check_compatible(resolved.step_dir, config, for_init=True)
-        params = merge_params(state.params, read_params_numpy(resolved.step_dir), partial=partial,
+        params = merge_params(state.params, read_state_arrays(resolved.step_dir)["params"], partial=partial,
                               origin=resolved.origin)
         return Start(state.replace(params=params), None, {}, "init_from", resolved.origin)
     return Start(state, None, {}, "scratch")

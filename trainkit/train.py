@@ -141,7 +141,6 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, options: RunOptions) 
             state, metrics = train_step(state, batch)
             step += 1
             pending.append(metrics)
-            is_last = step == config.num_steps
             if itstime(step, config.log_every, config.num_steps):
                 train = {f"train/{k}": float(v) for k, v in _mean(pending).items()}
                 now = time.perf_counter()

@@ -1,0 +1,71 @@
+"""Shared test setup: 8 fake CPU devices in-process, and a helper that runs the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Before anything imports jax: tests see 8 CPU devices, as a small multi-device host would.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "HF_"))}
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(ROOT),
+        TRAINKIT_CACHE=env.get("TRAINKIT_CACHE", "/tmp/trainkit-test-cache"),
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, devices: int = 1, timeout: float = 600, env: dict | None = None,
+            module: str = "trainkit.main") -> subprocess.CompletedProcess:
+    """Run `python -m <module> args...` the way a user would; returns the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT, env=env or cli_env(devices), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def train(workdir: Path, *overrides: str, config: str = "configs/default.py", devices: int = 1,
+          check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Train through the CLI; with `check`, fail the test with the process's output if it failed."""
+    proc = run_cli(f"--config={config}", f"--workdir={workdir}", *overrides, devices=devices, **kw)
+    if check and proc.returncode != 0:
+        pytest.fail(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A user error: non-zero exit, one stderr line naming the cause, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("trainkit: error:")]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def tree_hash(path: Path) -> str:
+    """A hash of every file's name and bytes under `path` (to prove nothing on disk changed)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file() and p.name != ".trainkit.lock":
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+FAST = ("--config.num_steps=20", "--config.log_every=5", "--config.eval_every=10", "--config.checkpoint.every=10")
