@@ -69,3 +69,36 @@ def tree_hash(path: Path) -> str:
 
 
 FAST = ("--config.num_steps=20", "--config.log_every=5", "--config.eval_every=10", "--config.checkpoint.every=10")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody can write to, root included: a read-only tmpfs where mounting is allowed (root),
+    else a chmod 0500 directory (non-root). Yields a callable that fills it first, then seals it."""
+    import shutil
+
+    target = tmp_path / "ro"
+    target.mkdir()
+    mounted = False
+
+    def seal(fill_from: Path | None = None) -> Path:
+        nonlocal mounted
+        if os.geteuid() == 0:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(target)], check=True)
+            mounted = True
+            if fill_from is not None:
+                shutil.copytree(fill_from, target, dirs_exist_ok=True)
+            subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
+        else:
+            if fill_from is not None:
+                shutil.copytree(fill_from, target, dirs_exist_ok=True)
+            for p in [target, *target.rglob("*")]:
+                p.chmod(0o500 if p.is_dir() else 0o400)
+        return target
+
+    yield seal
+    if mounted:
+        subprocess.run(["umount", str(target)], check=False)
+    else:
+        for p in [target, *target.rglob("*")]:
+            p.chmod(0o700)

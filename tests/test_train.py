@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -107,11 +106,8 @@ def test_batch_not_divisible_by_data_parallel(tmp_path):
     assert_user_error(proc, "batch_size=100", "8")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions; covered by the file-path case below")
-def test_unwritable_workdir_permissions(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+def test_read_only_workdir(read_only_dir):
+    ro = read_only_dir()
     assert_user_error(run_cli("--config=configs/default.py", f"--workdir={ro / 'w'}"), "workdir")
 
 

@@ -132,6 +132,11 @@ class CheckpointManager:
         ck = config.checkpoint
         self._primary = jax.process_index() == 0
         self._sync = not ck.async_save
+        self._good_step = self._find_good_step() if self.directory.exists() else None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("trainkit-checkpoints-verified")
         options = ocp.CheckpointManagerOptions(
             step_format_fixed_length=6,
             preservation_policy=_preservation_policy(ck),
@@ -161,8 +166,13 @@ class CheckpointManager:
         return list_steps(self.directory)
 
     def latest_good_step(self) -> int | None:
-        """The newest step whose manifest verifies; damaged steps are skipped with a warning."""
-        for step in reversed(self.steps()):
+        """The newest step whose manifest verifies (damaged newer steps were set aside at start-up)."""
+        return self._good_step
+
+    def _find_good_step(self) -> int | None:
+        """Verify steps newest first. A damaged step is moved to W/checkpoints.damaged/ (kept for inspection,
+        out of Orbax's way so the step can be saved again) and the previous step is tried."""
+        for step in reversed(list_steps(self.directory)):
             step_dir = self.directory / step_dir_name(step)
             if not (step_dir / "manifest.json").exists() and (step_dir / "_CHECKPOINT_METADATA").exists():
                 # Orbax finalized it (an atomic rename) but the run died before writing the manifest.
@@ -170,7 +180,12 @@ class CheckpointManager:
             problems = verify_manifest(step_dir)
             if not problems:
                 return step
-            print(f"trainkit: warning: skipping damaged checkpoint {step_dir}: {problems[0]}", flush=True)
+            if self._primary:
+                print(f"trainkit: warning: skipping damaged checkpoint {step_dir}: {problems[0]}; "
+                      f"moved to {self.directory}.damaged/", flush=True)
+                quarantine = Path(f"{self.directory}.damaged")
+                quarantine.mkdir(exist_ok=True)
+                step_dir.rename(quarantine / f"{step_dir.name}-{int(time.time())}")
         return None
 
     def step_dir(self, step: int) -> Path:

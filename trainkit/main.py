@@ -68,8 +68,8 @@ def load_config():
 @exits_cleanly
 def main(argv: list[str]) -> None:
     del argv
-    if not FLAGS["verbosity"].present:  # Orbax logs every step at INFO; trainkit prints its own summary lines
-        logging.set_verbosity(logging.WARNING)
+    if not FLAGS["verbosity"].present:  # Orbax logs (and warns) a lot; trainkit prints its own summary lines
+        logging.set_verbosity(logging.ERROR)
     if FLAGS.config is None or FLAGS.workdir is None:
         fail("--config and --workdir are required, e.g. --config=configs/default.py --workdir=/tmp/run")
     config = load_config()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import time
 
-from absl import logging
 
 
 class StopRequests:
@@ -33,8 +32,7 @@ class StopRequests:
     def _handle(self, signum, frame) -> None:
         if self.signal == "SIGINT" and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        logging.warning("%s received: saving at the next step boundary, then exiting", self.signal)
+        self.signal = signal.Signals(signum).name  # no I/O here: the loop reports it at the step boundary
 
     def reason(self, save_estimate_s: float = 0.0) -> str | None:
         """Why the run should stop now, or None. Walltime keeps room for one more step and a save."""
