@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.compression = False  # zstd in OCDBT: smaller, ~2.5x slower to write (see BENCHMARKS.md)
 
     c.export = ml_collections.ConfigDict()
-    c.export.formats = ("safetensors",)  # any of "pt", "stablehlo", "safetensors"; written to W/export/
+    c.export.formats = ("safetensors", "stablehlo")  # any of "pt", "stablehlo", "safetensors"; into W/export/
     c.export.tolerance = 1e-5  # max relative parity error accepted at export
 
     c.wandb = ml_collections.ConfigDict({"enabled": False, "project": "trainkit", "entity": "", "mode": "online"})
@@ -115,3 +115,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise TrainkitError(
             f"export.formats has {sorted(unknown)}; use any of 'pt', 'stablehlo', 'safetensors'"
         )
+    if "pt" in config.export.formats:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise TrainkitError("export.formats asks for 'pt' but PyTorch is not installed: "
+                                "pip install 'trainkit[torch]', or drop 'pt' from --config.export.formats")

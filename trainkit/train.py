@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from trainkit import config as config_lib
 from trainkit import sharding
@@ -249,9 +248,6 @@ def _finish(checkpoints: CheckpointManager, workdir: Path, config, task: Task, s
     checkpoints.mark_final(step)
     if jax.process_index() != 0 or not config.export.formats:
         return
-    try:
-        from trainkit.export.final import export_final
-    except ImportError:  # exporters not installed in this build
-        logging.warning("export skipped: trainkit.export.final is unavailable")
-        return
+    from trainkit.export.checkpoint import export_final
+
     export_final(workdir, checkpoints.step_dir(step), config, task)
