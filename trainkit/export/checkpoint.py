@@ -86,6 +86,7 @@ def export_model(task: Task, params: Any, out: Path, provenance: Mapping[str, An
     fmt = format_of(out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    params = jax.tree.map(jnp.asarray, params)  # numpy leaves cannot be indexed by traced arrays
     check_args = tuple(np.asarray(a) for a in task.example_inputs(1, CHECK_DIMS))
     ref, ref_forces = reference(task, params, check_args)
     with_forces = task.has_forces and fmt != "safetensors"
