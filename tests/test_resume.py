@@ -242,3 +242,12 @@ def test_fresh_refuses_without_overwrite(trained):
     before = tree_hash(trained)
     assert_user_error(train(trained, *RUN, "--fresh", check=False), "--overwrite")
     assert tree_hash(trained) == before
+
+
+def test_walltime_saves_and_exits_cleanly(tmp_path):
+    """--config.walltime: save and exit 0 before the budget ends; the same command continues later."""
+    proc = train(tmp_path, "--config.num_steps=100000", "--config.walltime=4", "--config.log_every=5",
+                 "--config.eval_every=100000", "--config.checkpoint.every=0", timeout=180)
+    stopped = read_alias(tmp_path / "checkpoints", "last")
+    assert "walltime: saved step" in proc.stdout and stopped is not None and 0 < stopped < 100000
+    assert read_alias(tmp_path / "checkpoints", "final") is None

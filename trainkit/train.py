@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import optax
 
 from trainkit import config as config_lib
-from trainkit import sharding
+from trainkit import distributed, sharding
 from trainkit.checkpointing import CheckpointManager
 from trainkit.data import load_dataset
 from trainkit.errors import TrainkitError
@@ -31,6 +32,7 @@ from trainkit.progress import Progress
 from trainkit.resume import find_start
 from trainkit.aliases import list_steps
 from trainkit.train_state import TrainState, make_optimizer
+from trainkit.wandb_logger import META_KEY, start_wandb
 from trainkit.workdir import WorkdirLock, prepare
 
 BLOCK_EVERY = 10  # wait for a result at least this often: fake CPU devices deadlock on deep queues
@@ -113,6 +115,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, options: RunOptions) 
     if start.data_state:
         batches.set_state(start.data_state)
     batch_sharding = sharding.batch_sharding(mesh)
+    distributed.check_batch_split(batch_sharding, config.batch_size)
     train_step = jax.jit(
         _make_train_step(task, tx),
         in_shardings=(state_sharding, batch_sharding),
@@ -121,11 +124,14 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, options: RunOptions) 
     )
     eval_step = jax.jit(_make_eval_step(task), out_shardings=sharding.replicated(mesh))
 
-    writer = MetricsWriter(workdir, step, resumed=start.origin in ("workdir", "resume_from"))
+    wandb_run = start_wandb(config, workdir, start, step, fresh=options.fresh)  # reads metrics.jsonl: first
+    writer = MetricsWriter(workdir, step, resumed=start.origin in ("workdir", "resume_from"), wandb_run=wandb_run)
     progress = Progress(config.progress, step, config.num_steps)
     stops = StopRequests(config.walltime).install()
     best = start.meta.get("best") or {}
     meta = {"model": task.name, "best": best}
+    if wandb_run is not None:
+        meta[META_KEY] = wandb_run.id
     pending: list[dict[str, jax.Array]] = []
     last_metrics: dict[str, float] = {}
     stopped_by = None
@@ -133,7 +139,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, options: RunOptions) 
     t_log, step_at_log = time.perf_counter(), step
     try:
         while step < config.num_steps:
-            stopped_by = stops.reason(checkpoints.last_blocked_s)
+            stopped_by = stops.reason(checkpoints.last_blocked_s, step)
             if stopped_by:
                 break
             batch = sharding.global_batch(next(batches), batch_sharding)
@@ -147,7 +153,6 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, options: RunOptions) 
                 t_log, step_at_log, pending = now, step, []
                 writer.write(step, train)
                 last_metrics.update(train)
-                progress.update(step, last_metrics)
             elif step % BLOCK_EVERY == 0:
                 jax.block_until_ready(metrics)
             eval_metrics = None
@@ -155,6 +160,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, options: RunOptions) 
                 eval_metrics = evaluate(eval_step, state.params, dataset.eval, config.batch_size, batch_sharding)
                 writer.write(step, eval_metrics)
                 last_metrics.update(eval_metrics)
+            if itstime(step, config.log_every, config.num_steps) or eval_metrics is not None:
                 progress.update(step, last_metrics)
             new_best = eval_metrics is not None and _improves(best, eval_metrics, config.checkpoint)
             if new_best:
@@ -175,6 +181,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, options: RunOptions) 
         progress.close()
         writer.close()
         checkpoints.close()
+        if wandb_run is not None:
+            wandb_run.finish(failed=sys.exc_info()[0] is not None)
     return TrainResult(step, state, last_metrics, stopped_by)
 
 
