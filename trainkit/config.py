@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # Keys whose change alters the parameter shapes/structure, so a checkpoint cannot be resumed under them.
-STRUCTURAL_PREFIXES = ("model.", "data.name")
+STRUCTURAL_PREFIXES = ("model.", "data.name", "data.cutoff", "data.seq_len")
 
 # Keys that may change when resuming (learning rate, schedule length, cadence, data options, logging).
 RESUMABLE_PREFIXES = (
