@@ -41,12 +41,15 @@ def test_mlp_variant_trains(tmp_path):
     assert json.loads((tmp_path / "train_config.json").read_text())["model"]["name"] == "mlp"
 
 
-def test_8_device_mesh_matches_1_device(tmp_path):
-    """data=2, fsdp=2, model=2 on 8 fake devices gives the 1-device losses up to summation order."""
-    args = ("--config.num_steps=10", "--config.log_every=1", "--config.eval_every=100", "--config.checkpoint.every=0")
-    train(tmp_path / "one", *args, devices=1)
+@pytest.mark.parametrize("config", ["configs/default.py", "configs/lm_chars.py:tiny"])
+def test_8_device_mesh_matches_1_device(tmp_path, config):
+    """data=2, fsdp=2, model=2 on 8 fake devices gives the 1-device losses up to summation order (the
+    transformer really splits its attention/MLP kernels over `model`)."""
+    args = ("--config.num_steps=10", "--config.log_every=1", "--config.eval_every=100", "--config.checkpoint.every=0",
+            "--config.batch_size=16", "--config.export.formats=()")
+    train(tmp_path / "one", *args, devices=1, config=config)
     train(tmp_path / "eight", *args, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.model=2",
-          devices=8)
+          devices=8, config=config)
     np.testing.assert_allclose(losses(tmp_path / "eight"), losses(tmp_path / "one"), rtol=2e-5, atol=1e-6)
 
 
@@ -123,3 +126,29 @@ def test_default_config_reaches_95_percent(tmp_path):
     train(tmp_path, "--config.log_every=50")
     evals = [r["eval/accuracy"] for r in read_metrics(tmp_path) if "eval/accuracy" in r]
     assert evals[-1] >= 0.95, evals
+
+
+def test_transformer_kernels_split_over_model_and_fsdp():
+    from trainkit import sharding
+    from trainkit.train_state import TrainState, make_optimizer
+    from configs import lm_chars
+
+    config = lm_chars.get_config("tiny")
+    config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
+    mesh = sharding.build_mesh(config.mesh)
+    from trainkit.data import load_dataset
+    from trainkit.models import build_task
+
+    task = build_task(config, load_dataset(config.data).info)
+    tx = make_optimizer(config)
+    rng = jax.random.key_data(jax.random.key(0))
+    init = lambda: TrainState.create(task.init(jax.random.wrap_key_data(rng)), tx, rng)  # noqa: E731
+    state = jax.jit(init, out_shardings=sharding.state_shardings(jax.eval_shape(init), mesh, task.sharding_rules))()
+    leaves = {sharding.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(state)}
+    query = leaves["params/Block_0/attn/query/kernel"]
+    assert "model" in query.sharding.spec and "fsdp" in query.sharding.spec, query.sharding.spec
+    full = query.shape
+    assert {s.data.shape for s in query.addressable_shards} == {(full[0] // 2, full[1] // 2)}
+    for name, leaf in leaves.items():
+        if name.endswith("Block_0/attn/query/kernel") and name.startswith("opt_state"):
+            assert leaf.sharding.spec == query.sharding.spec, name
