@@ -11,11 +11,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from trainkit.errors import exits_cleanly
+from trainkit.errors import ArgumentParser, exits_cleanly
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainkit.export", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m trainkit.export", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="workdir, step dir, alias, model.ckpt, https:// URL, hf://, gs://")
     parser.add_argument("-o", "--output", required=True, help="model.pt | model.stablehlo | model.safetensors")
     parser.add_argument("--hf_token", default=None, help="Hugging Face token (default: $HF_TOKEN); never stored")

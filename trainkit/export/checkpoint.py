@@ -154,7 +154,7 @@ def _torchscript(task: Task, params: Any, path: Path, args: tuple, ref, ref_forc
         task.predict, params, trace_args, dynamic_axes=axes, input_names=[s.name for s in task.inputs],
         output_names=list(task.outputs), with_forces=task.has_forces, parity_tolerance=max(tolerance, 1e-4),
     )
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in args]
+    tensors = [torch.from_numpy(np.array(a, copy=True)) for a in args]  # keeps 0-d inputs 0-d
     if task.has_forces:
         energy, forces = module(*tensors)
         parity = dict(zip(("max_abs", "max_rel"), relative_error(ref, energy.detach().numpy())))
@@ -199,11 +199,13 @@ def export_checkpoint(source: str, out: str | Path, *, hf_token: str | None = No
                       overwrite: bool = False, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """`python -m trainkit.export SOURCE -o OUT`: resolve, load, export, check, write the sidecar."""
     from trainkit.sources import resolve_source
+    from trainkit.workdir import prepare_output
 
     out = Path(out)
     format_of(out)
     if out.exists() and not overwrite:
         raise TrainkitError(f"{out} already exists; pass --overwrite to replace it, or choose another -o")
+    prepare_output(out)  # before the (slow) load: an unwritable -o fails at once
     resolved = resolve_source(source, hf_token=hf_token)
     task, params, info = load_params_and_task(resolved.step_dir)
     provenance = {"source": {"origin": resolved.origin, "step": resolved.step}, **info}

@@ -1,0 +1,300 @@
+"""Peephole fusion: the elementwise chains that jax.nn functions trace to → one native torch op.
+
+`plan(jaxpr)` finds, e.g., the softmax that `jax.nn.softmax` traces to (reduce_max, stop_gradient, sub, exp,
+reduce_sum, div) and maps it to `torch.softmax(x, axis)`: the same value and gradient in one kernel. Covered:
+gelu (both forms), silu, softmax, log_softmax, flax LayerNorm, Dense (matmul + bias). A chain is fused only
+when its intermediate values are used nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from jax._src import core
+
+Emit = Callable[[list[str]], str]  # tensor codes of the chain's inputs -> expression of its output
+
+
+@dataclass(frozen=True)
+class Fusion:
+    inputs: tuple[core.Var, ...]
+    covered: frozenset[int]  # equation indices replaced by the fused op (the root included)
+    emit: Emit
+
+
+class _Graph:
+    def __init__(self, jaxpr: core.Jaxpr):
+        self.index = {id(eqn): i for i, eqn in enumerate(jaxpr.eqns)}
+        self.producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+        self.uses = Counter(v for eqn in jaxpr.eqns for v in eqn.invars if isinstance(v, core.Var))
+        self.uses.update(v for v in jaxpr.outvars if isinstance(v, core.Var))
+
+    def op(self, v: object, name: str) -> core.JaxprEqn | None:
+        eqn = self.producer.get(v) if isinstance(v, core.Var) else None
+        return eqn if eqn is not None and eqn.primitive.name == name else None
+
+
+def _lit(x: object, value: float) -> bool:
+    return isinstance(x, core.Literal) and np.shape(x.val) == () and np.isclose(float(x.val), value, rtol=1e-6)
+
+
+def _with_literal(g: _Graph, v: object, name: str, value: float) -> object | None:
+    """`v = name(value, other)` in either operand order → other."""
+    eqn = g.op(v, name)
+    if eqn is None:
+        return None
+    a, b = eqn.invars
+    return b if _lit(a, value) else a if _lit(b, value) else None
+
+
+def _pair(eqn: core.JaxprEqn) -> list[tuple[object, object]]:
+    a, b = eqn.invars
+    return [(a, b), (b, a)]
+
+
+_GELU_LINEAR = 2 * math.sqrt(2 / math.pi)
+_GELU_CUBIC = _GELU_LINEAR * 0.044715
+
+
+def _gelu_tanh_code(a: list[str]) -> str:
+    # 0.5·(1 + tanh(z)) = sigmoid(2z): 5 passes instead of 8, and faster on CPU than torch's native
+    # gelu(approximate="tanh") (measured: 87 µs vs 155 µs on 256×256, one thread)
+    x = a[0]
+    return f"{x} * torch.sigmoid({x} * ({_GELU_LINEAR!r} + {_GELU_CUBIC!r} * ({x} * {x})))"
+
+
+def _gelu_tanh(g: _Graph, root: core.JaxprEqn) -> tuple | None:
+    for x, w in _pair(root):
+        v = _with_literal(g, w, "mul", 0.5)
+        u = _with_literal(g, v, "add", 1.0)
+        tanh = g.op(u, "tanh")
+        s = _with_literal(g, tanh.invars[0], "mul", 0.7978845608) if tanh else None
+        add = g.op(s, "add")
+        if add is None or x not in add.invars:
+            continue
+        r = add.invars[1] if add.invars[0] is x else add.invars[0]
+        q = _with_literal(g, r, "mul", 0.044715)
+        cube = g.op(q, "integer_pow")
+        if cube is not None and cube.params["y"] == 3 and cube.invars[0] is x:
+            chain = [root] + [g.producer[a] for a in (w, v, u, tanh.invars[0], s, r, q)]
+            return (x,), chain, _gelu_tanh_code
+    return None
+
+
+def _gelu_erf(g: _Graph, root: core.JaxprEqn) -> tuple | None:
+    for half, e in _pair(root):
+        x = _with_literal(g, half, "mul", 0.5)
+        erfc = g.op(e, "erfc")
+        scaled = _with_literal(g, erfc.invars[0], "mul", 0.7071067811) if erfc else None
+        neg = g.op(scaled, "neg")
+        if x is not None and neg is not None and neg.invars[0] is x:
+            chain = [root, g.producer[half], erfc, g.producer[erfc.invars[0]], neg]
+            return (x,), chain, lambda a: f"torch.nn.functional.gelu({a[0]})"
+    return None
+
+
+def _silu(g: _Graph, root: core.JaxprEqn) -> tuple | None:
+    for x, s in _pair(root):
+        sig = g.op(s, "logistic")
+        if sig is not None and sig.invars[0] is x:
+            return (x,), [root, sig], lambda a: f"torch.ops.aten.silu({a[0]})"
+    return None
+
+
+def _shifted(g: _Graph, v: object) -> tuple | None:
+    """`v = x - stop_gradient(broadcast(max(-inf, reduce_max(x, axis))))` → (x, axis, chain)."""
+    sub = g.op(v, "sub")
+    stop = g.op(sub.invars[1], "stop_gradient") if sub else None
+    bcast = g.op(stop.invars[0], "broadcast_in_dim") if stop else None
+    if bcast is None:
+        return None
+    chain = [sub, stop, bcast]
+    m = bcast.invars[0]
+    clamp = _with_literal(g, m, "max", float("-inf"))
+    if clamp is not None:
+        chain.append(g.producer[m])
+        m = clamp
+    red = g.op(m, "reduce_max")
+    x = sub.invars[0]
+    if red is None or red.invars[0] is not x or len(red.params["axes"]) != 1:
+        return None
+    axis = int(red.params["axes"][0])
+    if not _keepdims(bcast, x, axis):
+        return None
+    return x, axis, chain + [red]
+
+
+def _keepdims(bcast: core.JaxprEqn, x: core.Var, axis: int) -> bool:
+    rank = len(x.aval.shape)
+    return (tuple(bcast.params["broadcast_dimensions"]) == tuple(d for d in range(rank) if d != axis)
+            and len(bcast.outvars[0].aval.shape) == rank and bcast.outvars[0].aval.shape[axis] == 1)
+
+
+def _summed(g: _Graph, v: object, e: core.Var, axis: int) -> list | None:
+    """`v = broadcast(reduce_sum(e, axis))` with keepdims → chain."""
+    bcast = g.op(v, "broadcast_in_dim")
+    red = g.op(bcast.invars[0], "reduce_sum") if bcast else None
+    if red is None or red.invars[0] is not e or tuple(red.params["axes"]) != (axis,) or not _keepdims(bcast, e, axis):
+        return None
+    return [bcast, red]
+
+
+def _softmax(g: _Graph, root: core.JaxprEqn) -> tuple | None:
+    e, denom = root.invars
+    exp = g.op(e, "exp")
+    shifted = _shifted(g, exp.invars[0]) if exp else None
+    if shifted is None:
+        return None
+    x, axis, chain = shifted
+    total = _summed(g, denom, e, axis)
+    if total is None:
+        return None
+    return (x,), [root, exp, *chain, *total], lambda a: f"torch.softmax({a[0]}, {axis})"
+
+
+def _log_softmax(g: _Graph, root: core.JaxprEqn) -> tuple | None:
+    m, q = root.invars
+    shifted = _shifted(g, m)
+    log = g.op(q, "log")
+    if shifted is None or log is None:
+        return None
+    x, axis, chain = shifted
+    bcast = g.op(log.invars[0], "broadcast_in_dim")
+    red = g.op(bcast.invars[0], "reduce_sum") if bcast else None
+    exp = g.op(red.invars[0], "exp") if red else None
+    if exp is None or exp.invars[0] is not m or tuple(red.params["axes"]) != (axis,):
+        return None
+    if not _keepdims(bcast, m, axis):
+        return None
+    return (x,), [root, log, bcast, red, exp, *chain], lambda a: f"torch.log_softmax({a[0]}, {axis})"
+
+
+def _dense(g: _Graph, root: core.JaxprEqn) -> tuple | None:
+    """`x @ W + b` (flax Dense) → one GEMM with the bias as its accumulator."""
+    for y, z in _pair(root):
+        dot = g.op(y, "dot_general")
+        shaped = g.op(z, "reshape") or g.op(z, "broadcast_in_dim")
+        if dot is None or shaped is None or not isinstance(shaped.invars[0], core.Var):
+            continue
+        x, w = dot.invars
+        bias, out = shaped.invars[0], y.aval
+        (lc, rc), (lb, _) = dot.params["dimension_numbers"]
+        if (tuple(lc) != (x.aval.ndim - 1,) or tuple(rc) != (0,) or lb or w.aval.ndim != 2 or bias.aval.ndim != 1
+                or z.aval.shape != (1,) * (out.ndim - 1) + (w.aval.shape[1],)
+                or not x.aval.dtype == w.aval.dtype == bias.aval.dtype == out.dtype):
+            continue
+        return (x, w, bias), [root, dot, shaped], lambda a: f"torch.nn.functional.linear({a[0]}, {a[1]}.t(), {a[2]})"
+    return None
+
+
+def _square(g: _Graph, v: object) -> tuple | None:
+    """`v = x²` (square, x*x or integer_pow 2) → (x, eqn)."""
+    eqn = g.op(v, "square") or g.op(v, "mul") or g.op(v, "integer_pow")
+    if eqn is None or (eqn.primitive.name == "integer_pow" and eqn.params["y"] != 2):
+        return None
+    if eqn.primitive.name == "mul" and eqn.invars[0] is not eqn.invars[1]:
+        return None
+    return eqn.invars[0], eqn
+
+
+def _last_axis_mean(g: _Graph, v: object) -> tuple | None:
+    """`v = reduce_sum(x, last axis) / size` → (x, [eqns])."""
+    div = g.op(v, "div")
+    total = g.op(div.invars[0], "reduce_sum") if div else None
+    if total is None:
+        return None
+    x = total.invars[0]
+    size = x.aval.shape[-1]
+    if tuple(total.params["axes"]) != (x.aval.ndim - 1,) or not isinstance(size, int) or not _lit(div.invars[1], size):
+        return None
+    return x, [div, total]
+
+
+def _row_vector(g: _Graph, v: object, x: core.Var) -> tuple | None:
+    """`v` = a 1-d parameter reshaped to broadcast along the last axis of `x` → (param, eqn)."""
+    eqn = g.op(v, "reshape") or g.op(v, "broadcast_in_dim")
+    if eqn is None or not isinstance(eqn.invars[0], core.Var) or eqn.invars[0].aval.ndim != 1:
+        return None
+    if v.aval.shape != (1,) * (x.aval.ndim - 1) + (x.aval.shape[-1],):
+        return None
+    return eqn.invars[0], eqn
+
+
+def _layer_norm(g: _Graph, root: core.JaxprEqn) -> tuple | None:
+    """flax LayerNorm (last axis, scale and bias, fast variance E[x²] - E[x]²) → torch layer_norm."""
+    for y, z in _pair(root):
+        mul = g.op(y, "mul")
+        for centered, factor in _pair(mul) if mul else ():
+            sub, scaled = g.op(centered, "sub"), g.op(factor, "mul")
+            if sub is None or scaled is None:
+                continue
+            x, mean_b = sub.invars
+            for inv, w in _pair(scaled):
+                found = _layer_norm_stats(g, x, mean_b, inv)
+                scale, bias = _row_vector(g, w, x), _row_vector(g, z, x)
+                if found is None or scale is None or bias is None:
+                    continue
+                eps, chain = found
+                chain += [root, mul, sub, scaled, scale[1], bias[1]]
+                size = x.aval.shape[-1]
+                return ((x, scale[0], bias[0]), chain,
+                        lambda a: f"torch.layer_norm({a[0]}, [{size}], {a[1]}, {a[2]}, {eps!r})")
+    return None
+
+
+def _layer_norm_stats(g: _Graph, x: core.Var, mean_b: object, inv: object) -> tuple | None:
+    """`mean_b = bcast(mean(x))`, `inv = rsqrt(bcast(max(0, mean(x²) - mean(x)²)) + eps)` → (eps, eqns)."""
+    rsqrt = g.op(inv, "rsqrt")
+    add = g.op(rsqrt.invars[0], "add") if rsqrt else None
+    if add is None:
+        return None
+    var_b, eps = add.invars if isinstance(add.invars[1], core.Literal) else add.invars[::-1]
+    bvar, bmean = g.op(var_b, "broadcast_in_dim"), g.op(mean_b, "broadcast_in_dim")
+    if not isinstance(eps, core.Literal) or bvar is None or bmean is None:
+        return None
+    clamped = _with_literal(g, bvar.invars[0], "max", 0.0)
+    diff = g.op(clamped, "sub")
+    mean = _last_axis_mean(g, bmean.invars[0])
+    if diff is None or mean is None or mean[0] is not x:
+        return None
+    mean_sq, sq_mean = _last_axis_mean(g, diff.invars[0]), _square(g, diff.invars[1])
+    if mean_sq is None or sq_mean is None or sq_mean[0] is not bmean.invars[0]:
+        return None
+    sq = _square(g, mean_sq[0])
+    last = x.aval.ndim - 1
+    if sq is None or sq[0] is not x or not (_keepdims(bvar, x, last) and _keepdims(bmean, x, last)):
+        return None
+    chain = [rsqrt, add, bvar, bmean, g.producer[bvar.invars[0]], diff, *mean[1], *mean_sq[1], sq_mean[1], sq[1]]
+    return float(eps.val), chain
+
+
+_MATCHERS = {"mul": (_gelu_tanh, _gelu_erf, _silu), "div": (_softmax,), "sub": (_log_softmax,),
+             "add": (_layer_norm, _dense)}
+
+
+def plan(jaxpr: core.Jaxpr) -> dict[int, Fusion]:
+    """Fusions keyed by the index of their root (last) equation."""
+    g = _Graph(jaxpr)
+    fusions: dict[int, Fusion] = {}
+    taken: set[int] = set()
+    for i, root in enumerate(jaxpr.eqns):
+        if not np.issubdtype(root.outvars[0].aval.dtype, np.floating):
+            continue
+        for matcher in _MATCHERS.get(root.primitive.name, ()):
+            found = matcher(g, root)
+            if found is None:
+                continue
+            inputs, chain, emit = found
+            covered = frozenset(g.index[id(e)] for e in chain)
+            inner = [v for e in chain if e is not root for v in e.outvars]
+            inside = Counter(v for e in chain for v in e.invars if isinstance(v, core.Var))
+            if covered & taken or any(g.uses[v] != inside[v] for v in inner):
+                continue
+            fusions[i] = Fusion(tuple(inputs), covered, emit)
+            taken |= covered
+            break
+    return fusions
