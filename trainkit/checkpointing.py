@@ -13,9 +13,11 @@ among the best). Aliases `last`/`best`/`final` are pointer files (see trainkit.s
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,12 +29,16 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from trainkit import config as config_lib
-from trainkit.errors import TrainkitError
+from trainkit import distributed
+from trainkit.errors import TrainkitError, is_disk_full
 from trainkit.manifest import verify_manifest, write_manifest
 from trainkit.aliases import list_steps, read_alias, step_dir_name, write_alias
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "train_config.json"
+# Retention first renames a step out of the way (atomic), then trainkit deletes it: a kill mid-delete must not
+# leave a half-deleted step that still looks like one.
+DELETING_DIR = ".deleting"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +70,15 @@ def read_meta(step_dir: Path) -> dict[str, Any]:
             f"{step_dir} has checkpoint format version {version}, newer than this trainkit reads "
             f"({FORMAT_VERSION}); upgrade trainkit (pip install -U trainkit)"
         )
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+    local = _this_process_only()
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler(multiprocessing_options=local),
+                            multiprocessing_options=local).restore(step_dir / "meta")
     return upgrade_meta(meta)
+
+
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """For reads one process may do alone (export on process 0): no barriers with the other processes."""
+    return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
 
 
 def upgrade_meta(meta: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +106,9 @@ def restore_step(step_dir: Path, abstract_state: Any) -> Restored:
 
 def read_state_arrays(step_dir: Path) -> dict[str, Any]:
     """The saved TrainState as a tree of host numpy arrays, whatever mesh wrote it (export, ckpt, init_from)."""
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    local = _this_process_only()
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
+                                    multiprocessing_options=local)
     tree = checkpointer.metadata(Path(step_dir) / "state").item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return checkpointer.restore(
@@ -132,17 +147,17 @@ class CheckpointManager:
         ck = config.checkpoint
         self._primary = jax.process_index() == 0
         self._sync = not ck.async_save
-        self._good_step = self._find_good_step() if self.directory.exists() else None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("trainkit-checkpoints-verified")
+        # Process 0 verifies (and sets damaged steps aside); the others take its answer, so all start alike.
+        self._good_step = self._find_good_step() if self._primary and self.directory.exists() else None
+        self._good_step = distributed.broadcast_from_primary(self._good_step)
+        self._finish_deletions()
         options = ocp.CheckpointManagerOptions(
             step_format_fixed_length=6,
             preservation_policy=_preservation_policy(ck),
             best_fn=(lambda m: m[ck.best_metric]) if ck.keep_best else None,
             best_mode=ck.best_mode,
             cleanup_tmp_directories=True,
+            todelete_subdir=DELETING_DIR,
             enable_async_checkpointing=ck.async_save,
             create=True,
         )
@@ -157,6 +172,7 @@ class CheckpointManager:
         )
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt")
         self._pending: concurrent.futures.Future | None = None
+        self._pending_step: int | None = None
         self.last_blocked_s = 0.0
         self.saves: list[dict[str, float]] = []  # one record per save: step, bytes, seconds, blocked_s
 
@@ -207,16 +223,18 @@ class CheckpointManager:
         self.wait()
         start = time.perf_counter()
         meta = {**meta, "format_version": FORMAT_VERSION, "step": step}
-        ok = self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeSave(state),
-                data=ocp.args.JsonSave(dict(data_state)),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            metrics=dict(metrics) if metrics else None,
-            force=True,
-        )
+        self._pending_step = step
+        with self._disk_full_is_user_error():
+            ok = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeSave(state),
+                    data=ocp.args.JsonSave(dict(data_state)),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                metrics=dict(metrics) if metrics else None,
+                force=True,
+            )
         if not ok:
             raise RuntimeError(f"Orbax declined to save step {step}")
         blocked = time.perf_counter() - start
@@ -227,6 +245,7 @@ class CheckpointManager:
 
     def _after_save(self, step: int, start: float, blocked: float) -> None:
         self._manager.wait_until_finished()
+        self._finish_deletions()
         seconds = time.perf_counter() - start
         nbytes = self._complete(step)
         if nbytes is None:  # removed by retention before we got here (cannot happen for the latest)
@@ -243,6 +262,11 @@ class CheckpointManager:
                   f"({nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s), train loop blocked {blocked * 1e3:.1f} ms",
                   flush=True)
 
+    def _finish_deletions(self) -> None:
+        """Delete the steps that retention renamed into W/checkpoints/.deleting/ (also those a kill interrupted)."""
+        if self._primary:
+            shutil.rmtree(self.directory / DELETING_DIR, ignore_errors=True)
+
     def _complete(self, step: int) -> int | None:
         """Write train_config.json and the manifest of a finalized step; return its size in bytes."""
         step_dir = self.step_dir(step)
@@ -258,7 +282,30 @@ class CheckpointManager:
         """Block until the pending save is on disk with its manifest; re-raise its error if it failed."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.result()
+            with self._disk_full_is_user_error():
+                pending.result()
+
+    @contextlib.contextmanager
+    def _disk_full_is_user_error(self):
+        """A save that fails on a full disk (Orbax re-raises it from its background thread, or the manifest
+        write raises it) is the user's to fix: say so in one line. The unfinished save stays a tmp dir that is
+        never listed and is removed at the next start; the earlier steps are untouched."""
+        try:
+            yield
+        except Exception as e:
+            if isinstance(e, TrainkitError) or not is_disk_full(e):
+                raise
+            for unfinished in self.directory.glob(f"{step_dir_name(self._pending_step)}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(unfinished, ignore_errors=True)  # give back the space it took (the next start would)
+            steps = list_steps(self.directory)  # Orbax lists no unfinished save; a finished one resumes
+            free = shutil.disk_usage(self.directory).free if self.directory.exists() else 0
+            resume = (f"it resumes from step {steps[-1]}, the last complete checkpoint" if steps
+                      else "there is no complete checkpoint yet, so it starts from scratch")
+            raise TrainkitError(
+                f"saving checkpoint step {self._pending_step} to {self.directory} failed: no space left on device "
+                f"({free / 1e6:.1f} MB free); free space on that disk (or lower checkpoint.keep_last / "
+                f"keep_best, or choose a --workdir on a larger disk) and run the same command again: {resume}"
+            ) from e  # the cause marks it as a full disk for exits_cleanly
 
     def mark_final(self, step: int) -> None:
         self.wait()
@@ -275,6 +322,11 @@ class CheckpointManager:
         return None if value is None or math.isnan(value) else float(value)
 
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
-        self._worker.shutdown()
+        try:
+            self.wait()
+        finally:
+            try:
+                with self._disk_full_is_user_error():
+                    self._manager.close()  # re-raises a failed background save
+            finally:
+                self._worker.shutdown()

@@ -22,6 +22,7 @@ flags.DEFINE_string("hf_token", None, "Hugging Face token for hf:// sources (def
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_integer("distributed_timeout", 300, "Multi-process: seconds to wait for the coordinator or a silent peer.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -32,7 +33,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(friendly_flag_error(str(e)))
     except FileNotFoundError as e:
         fail(f"config file {e.filename} does not exist; pass --config=configs/default.py or another file")
+    except SyntaxError as e:
+        fail(f"config file {e.filename} has a syntax error on line {e.lineno}: {e.msg}; fix it and run again")
     except (AttributeError, KeyError) as e:
+        if isinstance(e, AttributeError) and "get_config" in str(e):
+            fail(f"config file {config_argument(argv)} defines no get_config(); define get_config(arg=None) "
+                 "returning a ConfigDict, as configs/default.py does")
         key = str(e.args[0]).strip("'\"") if e.args else ""
         overrides = [a.split("=")[0] for a in argv if a.startswith("--config.") and key and key in a]
         if overrides:
@@ -43,6 +49,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     return []
 
 
+def config_argument(argv: list[str]) -> str:
+    """The file named by --config=FILE[:ARG] or --config FILE[:ARG]."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":")[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+    return "--config"
+
+
 def friendly_flag_error(message: str) -> str:
     first = message.strip().splitlines()[0]
     if "Unknown command line flag 'config." in message:
@@ -50,6 +66,9 @@ def friendly_flag_error(message: str) -> str:
         return f"unknown config key --{key}; see docs/configuration.md for the keys (or `--config.model.name`)"
     if "Unknown command line flag" in message:
         return f"{first}; run with --helpshort to see the flags"
+    if "Error whilst parsing config file" in message:  # get_config raised: its last line says why
+        cause = [line.strip() for line in message.splitlines() if line.strip()][-1]
+        return f"config file {first.split('=', 1)[-1].split(':')[0]} failed to load: {cause}"
     return f"{first}; check the value's type against docs/configuration.md"
 
 
@@ -65,17 +84,30 @@ def load_config():
         fail(f"config file {path} failed to load: {detail}")
 
 
+def _ignore_abandoned_writes(unraisable) -> None:
+    """After a save fails (a full disk), tensorstore finishes that save's other writes and tries to wake Orbax's
+    event loop, which is already closed: harmless, and not worth a traceback per write (the failure itself is
+    reported in one line)."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 @exits_cleanly
 def main(argv: list[str]) -> None:
     del argv
+    sys.unraisablehook = _ignore_abandoned_writes
     if not FLAGS["verbosity"].present:  # Orbax logs (and warns) a lot; trainkit prints its own summary lines
         logging.set_verbosity(logging.ERROR)
+        # A failed background save is logged by Orbax with tracebacks, then re-raised to trainkit, which reports
+        # it in one line (a full disk) or with its traceback (a bug). --verbosity=0 shows Orbax's logs again.
+        logging.get_absl_logger().addFilter(lambda record: "/orbax/" not in record.pathname.replace(os.sep, "/"))
     if FLAGS.config is None or FLAGS.workdir is None:
         fail("--config and --workdir are required, e.g. --config=configs/default.py --workdir=/tmp/run")
     config = load_config()
     from trainkit import distributed
 
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           FLAGS.distributed_timeout)
     from trainkit.train import RunOptions, train_and_evaluate  # after distributed init: it touches devices
 
     options = RunOptions(
