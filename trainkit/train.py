@@ -103,7 +103,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, options: RunOptions) 
     if step >= config.num_steps and start.origin in ("workdir", "resume_from"):
         print(f"trainkit: already trained to step {step} (num_steps={config.num_steps}); nothing to do. "
               "Raise --config.num_steps to train further.", flush=True)
-        _finish(checkpoints, workdir, config, task, step)
+        if checkpoints.step_dir(step).is_dir():  # not when --resume_from named a finished step of another workdir
+            _finish(checkpoints, workdir, config, task, step)
         checkpoints.close()
         return TrainResult(step, state, {}, None)
     if jax.process_index() == 0:
