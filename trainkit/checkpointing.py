@@ -288,15 +288,16 @@ class CheckpointManager:
     @contextlib.contextmanager
     def _disk_full_is_user_error(self):
         """A save that fails on a full disk (Orbax re-raises it from its background thread, or the manifest
-        write raises it) is the user's to fix: say so in one line. The unfinished save stays a tmp dir that is
-        never listed and is removed at the next start; the earlier steps are untouched."""
+        write raises it) is the user's to fix: say so in one line. The earlier steps are untouched; the failed
+        save's tmp dir (never listed) is deleted to give its space back, as the next start would."""
         try:
             yield
         except Exception as e:
             if isinstance(e, TrainkitError) or not is_disk_full(e):
                 raise
-            for unfinished in self.directory.glob(f"{step_dir_name(self._pending_step)}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(unfinished, ignore_errors=True)  # give back the space it took (the next start would)
+            if self._primary and self._pending_step is not None:
+                for tmp_dir in self.directory.glob(f"{step_dir_name(self._pending_step)}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(tmp_dir, ignore_errors=True)
             steps = list_steps(self.directory)  # Orbax lists no unfinished save; a finished one resumes
             free = shutil.disk_usage(self.directory).free if self.directory.exists() else 0
             resume = (f"it resumes from step {steps[-1]}, the last complete checkpoint" if steps

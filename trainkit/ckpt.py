@@ -17,13 +17,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from trainkit.errors import TrainkitError, exits_cleanly
+from trainkit.errors import ArgumentParser, TrainkitError, exits_cleanly
 
 
-def _resolve(source: str, hf_token: str | None):
+def _resolve(source: str, hf_token: str | None, *, verify: bool = True):
     from trainkit.sources import resolve_source
 
-    return resolve_source(source, hf_token=hf_token)
+    return resolve_source(source, hf_token=hf_token, verify=verify)
 
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -111,7 +111,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from trainkit.manifest import verify_manifest
 
-    resolved = _resolve(args.source, args.hf_token)
+    resolved = _resolve(args.source, args.hf_token, verify=False)  # report every problem, not the first
     problems = verify_manifest(resolved.step_dir)
     if problems:
         for p in problems:
@@ -144,7 +144,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from trainkit.packing import pack
+    from trainkit.workdir import prepare_output
 
+    prepare_output(args.output)
     resolved = _resolve(args.source, args.hf_token)
     out = pack(resolved.step_dir, args.output)
     print(f"packed step {resolved.step} of {resolved.origin} into {out} ({_human(out.stat().st_size)})")
@@ -152,7 +154,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainkit.ckpt", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m trainkit.ckpt", description=__doc__.splitlines()[0])
     parser.add_argument("--hf_token", default=None, help="token for hf:// sources (default: $HF_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ls", help="steps, metrics, aliases, sizes of a workdir")

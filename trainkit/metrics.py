@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,7 +18,30 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):  # a last line torn by a full disk or a crash: never finished, skip it
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported late (it is slow to import) and without PyTorch: tensorboardX
+    imports torch when it can, only to accept torch tensors, which costs ~1.5 s of every run's start
+    (bench/first_step.py). While it loads, `import torch` fails unless torch is already imported."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsWriter:
@@ -32,13 +57,13 @@ class MetricsWriter:
         self.path = Path(workdir) / METRICS_FILE
         if self.path.exists():
             kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= start_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)  # a kill mid-rewrite leaves the old file, not a truncated one
         self._file = self.path.open("a")
         if resumed:
             self._line({"step": start_step, "event": "resume"})
-        from tensorboardX import SummaryWriter  # imported late: it is slow to import
-
-        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
+        self._tb = _summary_writer_class()(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
 
     def _line(self, record: Mapping[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")

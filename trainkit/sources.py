@@ -69,11 +69,13 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("TRAINKIT_CACHE") or "~/.cache/trainkit").expanduser()
 
 
-def resolve_source(source: str, *, hf_token: str | None = None, cache_dir: str | None = None) -> ResolvedSource:
+def resolve_source(source: str, *, hf_token: str | None = None, cache_dir: str | None = None,
+                   verify: bool = True) -> ResolvedSource:
     """Resolve any SOURCE (see the module docstring) to a local step dir; raise TrainkitError if it cannot.
 
     Example: `resolve_source("runs/mnist").step_dir == Path("runs/mnist/checkpoints/000040")`.
-    `hf_token` (else `$HF_TOKEN`) is used only for hf:// and is never written anywhere.
+    `hf_token` (else `$HF_TOKEN`) is used only for hf:// and is never written anywhere. With `verify`, a damaged
+    step (it fails its manifest) is refused; `python -m trainkit.ckpt verify` passes False to list the damage.
     """
     source = os.fspath(source).strip()
     if not source:
@@ -87,13 +89,14 @@ def resolve_source(source: str, *, hf_token: str | None = None, cache_dir: str |
     if scheme == "gs":
         return _resolve_gs(source, cache)
     if scheme == "file":
-        return _resolve_local(pathlib.Path(urllib.parse.unquote(urllib.parse.urlsplit(source).path)), source, cache)
+        path = pathlib.Path(urllib.parse.unquote(urllib.parse.urlsplit(source).path))
+        return _intact(_resolve_local(path, source, cache), verify)
     if scheme:
         raise TrainkitError(
             f"checkpoint SOURCE {fetching.redact_url(source)} uses the unsupported scheme {scheme}://; "
             "use a local path, https://, hf:// or gs://"
         )
-    return _resolve_local(pathlib.Path(source).expanduser(), source, cache)
+    return _intact(_resolve_local(pathlib.Path(source).expanduser(), source, cache), verify)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,6 +165,21 @@ def _alias_target(checkpoints_dir: epath.Path, step: int, shown: str) -> epath.P
             f"(deleted or never finished); {hint}"
         )
     return step_dir
+
+
+def _intact(resolved: ResolvedSource, verify: bool) -> ResolvedSource:
+    """A local step is read in place, so check it against its manifest first (a packed file was checked when it
+    was unpacked). A step without a manifest yet (Orbax finished it, the run died before the manifest) is read as
+    Orbax left it."""
+    if verify and resolved.kind != "packed" and (resolved.step_dir / MANIFEST_NAME).exists():
+        problems = verify_manifest(resolved.step_dir)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise TrainkitError(
+                f"checkpoint {resolved.origin} is damaged: {problems[0]}{more}; pass another step "
+                "(`python -m trainkit.ckpt ls W` lists them) or restore this one from a copy"
+            )
+    return resolved
 
 
 def _resolve_local(path: pathlib.Path, origin: str, cache: pathlib.Path) -> ResolvedSource:

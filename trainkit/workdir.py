@@ -28,6 +28,23 @@ def prepare(workdir: str | Path) -> Path:
     return path
 
 
+def prepare_output(path: str | Path) -> Path:
+    """Create the directory of the output file `path` (an -o argument) and check it is writable, up front."""
+    path = Path(path)
+    blocking = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TrainkitError(f"cannot write {path}: {blocking} is a file, not a directory; choose another -o path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainkitError(f"cannot write {path}: cannot create {path.parent} ({e.strerror}); "
+                            "choose another -o path") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise TrainkitError(f"cannot write {path}: {path.parent} is not writable (read-only or no permission); "
+                            "choose another -o path")
+    return path
+
+
 class WorkdirLock:
     """An exclusive flock on W/.trainkit.lock. The kernel drops it when the process dies, so a crashed run
     never leaves the workdir stuck."""

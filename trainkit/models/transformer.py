@@ -36,8 +36,9 @@ SHARDING_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """tanh-approximate GELU written out in plain ops (no custom_jvp, maps onto torch's native gelu)."""
-    return 0.5 * x * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
+    """tanh-approximate GELU written out in plain ops (no custom_jvp). Associated as in jax.nn.gelu, the form
+    the TorchScript exporter fuses into one native expression (`0.5 * x * (...)` is not matched)."""
+    return x * (0.5 * (1.0 + jnp.tanh(0.7978845608028654 * (x + 0.044715 * x**3))))
 
 
 class CausalSelfAttention(nn.Module):

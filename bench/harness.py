@@ -1,0 +1,151 @@
+"""What every benchmark section shares: the figure it reports, interleaved side-by-side timing, and its CLI.
+
+A section is a module with `run(quick: bool) -> Section`; `python bench/<section>.py [--quick] [--json OUT]` runs
+it alone, and `bench/run.py` runs them all (each in its own process) and writes BENCHMARKS.md.
+
+Every figure is a ratio (or a budget) measured in the same run as its baseline: candidate and baseline alternate
+A B B A A B ..., and the figure is the median of the per-repetition ratios, so a machine that gets busier or
+quieter during the run moves both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # sections import trainkit and configs from the checkout they live in
+    sys.path.insert(0, str(ROOT))
+
+GOAL_OPS = {">=": lambda v, g: v >= g, "<=": lambda v, g: v <= g}
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """One reported number. `goal` is (">=" | "<=", value) or None (reported for context only).
+
+    `measured` says what was compared ("trainkit 30.1 steps/s vs bare 31.0"); `miss` says why a missed goal is
+    missed and what would close it (shown only when the goal is missed)."""
+
+    name: str
+    value: float
+    unit: str
+    goal: tuple[str, float] | None = None
+    measured: str = ""
+    miss: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        if self.goal is None or self.value != self.value:  # NaN: not measured
+            return None
+        op, target = self.goal
+        return GOAL_OPS[op](self.value, target)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "passed": self.passed}
+
+
+@dataclasses.dataclass
+class Section:
+    """A section of BENCHMARKS.md: its figures, then free-form notes (method, tables, diagnosis)."""
+
+    key: str
+    title: str
+    figures: list[Figure] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "title": self.title, "figures": [f.to_json() for f in self.figures],
+                "notes": self.notes, "seconds": self.seconds}
+
+
+def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Call each run `repeats` times, alternating the order (A B, B A, A B, ...); returns each run's results."""
+    names = list(runs)
+    results: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(runs[name]())
+    return results
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over repetitions of numerator[i] / denominator[i] (the pairs ran back to back)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: Sequence[float], fmt: str = "{:.3g}") -> str:
+    """`median (min–max)` of repeated measurements, for the notes."""
+    return f"{fmt.format(median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def seconds_per_call(fn: Callable[[], Any], calls: int) -> float:
+    """Median wall seconds of `calls` calls of fn."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set (`VmRSS`) or its peak since the last `reset_peak_rss()` (`VmHWM`)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux: writing 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def scratch_dir() -> Path:
+    """Where sections write temporary files (removed by each section): $TRAINKIT_BENCH_TMP or /tmp."""
+    return Path(os.environ.get("TRAINKIT_BENCH_TMP", "/tmp"))
+
+
+def reuse_compilations(directory: Path) -> None:
+    """Persist XLA compilations in `directory` for this process: sections that repeat a run compile once, so
+    repetitions are cheap. Timed windows never include compilation either way."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def main(run: Callable[[bool], Section]) -> None:
+    """The CLI of one section: `--quick` for the short variant, `--json OUT` to write the result there."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    section = run(args.quick)
+    section.seconds = time.perf_counter() - start
+    text = json.dumps(section.to_json(), indent=2)
+    if args.json:
+        args.json.write_text(text)
+    else:
+        print(text)
