@@ -53,24 +53,28 @@ def test_8_device_mesh_matches_1_device(tmp_path, config):
     np.testing.assert_allclose(losses(tmp_path / "eight"), losses(tmp_path / "one"), rtol=2e-5, atol=1e-6)
 
 
-def test_state_is_sharded_over_fsdp_and_model():
-    """Parameters and optimizer state are really split across the 8 devices (shapes per device)."""
+def sharded_state(config):
+    """The initial TrainState of `config` on a data=2, fsdp=2, model=2 mesh of the 8 fake devices."""
     from trainkit import sharding
-    from trainkit.train_state import TrainState, make_optimizer
-    from configs import default  # noqa: F401  (configs/ is importable from the repo root)
-
-    config = default.get_config()
-    config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
-    mesh = sharding.build_mesh(config.mesh)
     from trainkit.data import load_dataset
     from trainkit.models import build_task
+    from trainkit.train_state import TrainState, make_optimizer
 
+    config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
+    mesh = sharding.build_mesh(config.mesh)
     task = build_task(config, load_dataset(config.data).info)
     tx = make_optimizer(config)
     rng = jax.random.key_data(jax.random.key(0))
     init = lambda: TrainState.create(task.init(jax.random.wrap_key_data(rng)), tx, rng)  # noqa: E731
-    shardings = sharding.state_shardings(jax.eval_shape(init), mesh, task.sharding_rules)
-    state = jax.jit(init, out_shardings=shardings)()
+    return jax.jit(init, out_shardings=sharding.state_shardings(jax.eval_shape(init), mesh, task.sharding_rules))()
+
+
+def test_state_is_sharded_over_fsdp_and_model():
+    """Parameters and optimizer state are really split across the 8 devices (shapes per device)."""
+    from configs import default
+    from trainkit import sharding
+
+    state = sharded_state(default.get_config())
     kernel = state.params["Dense_0"]["kernel"]  # (1024, 128) for the CNN on 8x8 digits
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
     assert {s.data.shape for s in kernel.addressable_shards} == {(kernel.shape[0] // 2, kernel.shape[1])}
@@ -129,21 +133,10 @@ def test_default_config_reaches_95_percent(tmp_path):
 
 
 def test_transformer_kernels_split_over_model_and_fsdp():
-    from trainkit import sharding
-    from trainkit.train_state import TrainState, make_optimizer
     from configs import lm_chars
+    from trainkit import sharding
 
-    config = lm_chars.get_config("tiny")
-    config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
-    mesh = sharding.build_mesh(config.mesh)
-    from trainkit.data import load_dataset
-    from trainkit.models import build_task
-
-    task = build_task(config, load_dataset(config.data).info)
-    tx = make_optimizer(config)
-    rng = jax.random.key_data(jax.random.key(0))
-    init = lambda: TrainState.create(task.init(jax.random.wrap_key_data(rng)), tx, rng)  # noqa: E731
-    state = jax.jit(init, out_shardings=sharding.state_shardings(jax.eval_shape(init), mesh, task.sharding_rules))()
+    state = sharded_state(lm_chars.get_config("tiny"))
     leaves = {sharding.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(state)}
     query = leaves["params/Block_0/attn/query/kernel"]
     assert "model" in query.sharding.spec and "fsdp" in query.sharding.spec, query.sharding.spec

@@ -117,15 +117,19 @@ def write_alias(checkpoints_dir: epath.PathLike, name: str, step: int) -> None:
         raise ValueError(f"step must be >= 0, got {step}")
     checkpoints_dir = epath.Path(checkpoints_dir)
     target = checkpoints_dir / name
-    content = step_dir_name(step) + "\n"
-    if not is_local(checkpoints_dir):
-        # An object store replaces an object in one piece; a rename there would be a copy plus a delete.
-        target.write_text(content)
+    write_atomically(target, step_dir_name(step) + "\n")
+
+
+def write_atomically(target: epath.Path, text: str) -> None:
+    """Write `text` so readers see the old file or the new one, never a torn one: tmp file + fsync + rename
+    locally; one object upload on an object store (a rename there would be a copy plus a delete)."""
+    if not is_local(target.parent):
+        target.write_text(text)
         return
-    tmp = checkpoints_dir / f".{name}.tmp-{uuid.uuid4().hex}"
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "w") as f:
-            f.write(content)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from etils import epath
 
-from trainkit.aliases import is_local
+from trainkit.aliases import is_local, write_atomically
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20
@@ -79,20 +78,7 @@ def write_manifest(step_dir: epath.PathLike, *, step: int, format_version: int) 
     files = {n: {"size": _size(step_dir / n), "sha256": d} for n, d in zip(names, digests)}
     manifest = {"format_version": int(format_version), "step": int(step), "files": files}
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    target = step_dir / MANIFEST_NAME
-    if not is_local(step_dir):
-        target.write_text(text)  # an object upload is already all-or-nothing
-        return manifest
-    tmp = step_dir / f".{MANIFEST_NAME}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(step_dir / MANIFEST_NAME, text)
     return manifest
 
 
