@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from trainkit.errors import TrainkitError, exits_cleanly
+from trainkit.errors import ArgumentParser, TrainkitError, exits_cleanly
 from trainkit.metrics import METRICS_FILE, read_metrics
 
 SPLITS = ("train", "eval")
@@ -175,7 +175,7 @@ def _check_output(out: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainkit.plot", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m trainkit.plot", description=__doc__.splitlines()[0])
     parser.add_argument("workdirs", nargs="+", help="training workdirs (each with a metrics.jsonl)")
     parser.add_argument("-o", "--output", default="curves.png", help="image file; its suffix picks the format")
     parser.add_argument("--label", action="append", help="a run's label, once per workdir (default: its name)")
