@@ -24,7 +24,8 @@ def packed(tmp_path_factory) -> bytes:
 
 
 def export_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = cli_env(HOME=str(tmp_path / "home"), HF_HOME=str(tmp_path / "hf_home"), TRAINKIT_CACHE=str(tmp_path / "cache"),
+    env = cli_env(HOME=str(tmp_path / "home"), HF_HOME=str(tmp_path / "hf_home"),
+                  TRAINKIT_CACHE=str(tmp_path / "cache"),
                   HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5", **extra)
     if "HF_TOKEN" not in extra:
         env.pop("HF_TOKEN", None)

@@ -201,7 +201,8 @@ def test_structural_change_refused_and_partial_init(trained, tmp_path):
 
 
 def test_init_from_fine_tunes_from_step_0(trained, tmp_path):
-    proc = train(tmp_path / "ft", "--config.num_steps=4", "--config.log_every=2", f"--init_from={trained}/checkpoints/best")
+    proc = train(tmp_path / "ft", "--config.num_steps=4", "--config.log_every=2",
+                 f"--init_from={trained}/checkpoints/best")
     assert "start: init_from" in proc.stdout and "at step 0" in proc.stdout
     ft = params_at(tmp_path / "ft", 4)
     assert int(ft["step"]) == 4
