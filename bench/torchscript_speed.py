@@ -13,6 +13,11 @@ Measured twice: with each library's default threads (what a user gets), and with
 generated code against XLA's, without either threading runtime).
 
     python bench/torchscript_speed.py [--quick]
+
+Only some models, one thread each (what the 1-thread figures run, in this process):
+
+    XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' \
+        python bench/torchscript_speed.py --single-thread-worker out.json --models=CNN,transformer
 """
 
 from __future__ import annotations
@@ -147,24 +152,27 @@ def export_time(d_model: int, num_layers: int) -> dict[str, float]:
     return {"params": count, "torchscript_s": torchscript_s, "stablehlo_s": stablehlo_s}
 
 
-def measure_cases(quick: bool) -> list[dict]:
-    """Speed and parity of each model, with this process's thread settings."""
+def measure_cases(quick: bool, models: set[str] | None = None) -> list[dict]:
+    """Speed and parity of each model (or of those whose name starts with one of `models`: CNN, transformer,
+    potential), with this process's thread settings."""
     rounds, calls = (2, 5) if quick else (7, 30)
-    cnn_config, cnn = _task("default", {"num_classes": 10, "image_shape": (8, 8, 1)})
-    lm_config, lm = _task("lm_chars", {"vocab_size": 256, "seq_len": 64})
-    pot_config, pot = _task("potential", POTENTIAL_INFO)
-    pot_params = random_params(pot)
-    atoms = {"batch": pot_config.batch_size, "atoms": 32}
-    return [
-        _case(f"CNN forward (digits, batch {cnn_config.batch_size})", cnn, random_params(cnn),
-              {"batch": cnn_config.batch_size}, False, rounds, calls),
-        _case(f"transformer forward (lm_chars, {lm_config.batch_size}×{lm_config.data.seq_len} tokens)", lm,
-              random_params(lm), {"batch": lm_config.batch_size, "seq": lm_config.data.seq_len}, False, rounds,
-              calls),
-        _case(f"potential energy ({pot_config.batch_size}×32 atoms)", pot, pot_params, atoms, False, rounds, calls),
-        _case(f"potential energy + forces ({pot_config.batch_size}×32 atoms)", pot, pot_params, atoms, True,
-              rounds, calls),
-    ]
+    cases = []
+    if not models or "CNN" in models:
+        config, cnn = _task("default", {"num_classes": 10, "image_shape": (8, 8, 1)})
+        cases.append(_case(f"CNN forward (digits, batch {config.batch_size})", cnn, random_params(cnn),
+                           {"batch": config.batch_size}, False, rounds, calls))
+    if not models or "transformer" in models:
+        config, lm = _task("lm_chars", {"vocab_size": 256, "seq_len": 64})
+        cases.append(_case(f"transformer forward (lm_chars, {config.batch_size}×{config.data.seq_len} tokens)", lm,
+                           random_params(lm), {"batch": config.batch_size, "seq": config.data.seq_len}, False,
+                           rounds, calls))
+    if not models or "potential" in models:
+        config, pot = _task("potential", POTENTIAL_INFO)
+        params, atoms = random_params(pot), {"batch": config.batch_size, "atoms": 32}
+        for with_forces in (False, True):
+            cases.append(_case(f"potential energy{' + forces' if with_forces else ''} ({config.batch_size}×32 atoms)",
+                               pot, params, atoms, with_forces, rounds, calls))
+    return cases
 
 
 def _single_thread_cases(quick: bool) -> list[dict]:
@@ -197,15 +205,12 @@ def run(quick: bool) -> Section:
                   "fuser does not run on CPU), so each elementwise op and layout change costs a memory pass",
     }
     by_model = {  # from torch.profiler on the 1-thread modules (see BENCHMARKS.md / the engineer's report)
-        "CNN": "~45% of TorchScript's time is `aten::sum` over the unfolded view that translates flax's "
-               "avg_pool (reduce_window_sum → unfold + sum), ~10% bias adds on permuted NHWC conv outputs. "
-               "Closing it: emit `F.avg_pool2d` / `F.max_pool2d` for 2-D NHWC windows in `_reduce_window` "
-               "(trainkit/export/torch_ops_indexing.py) and keep activations NCHW between convolutions",
-        "transformer": "The matmuls (`aten::addmm`) are ~25% of TorchScript's time; most of the rest is the "
-                       "attention's layout and elementwise work (einsum permutes → `aten::copy_`, the causal "
-                       "`where`, softmax, residual adds), one memory pass each. Closing it: match causal "
-                       "attention in trainkit/export/torch_fusion.py and emit "
-                       "`F.scaled_dot_product_attention(q, k, v, is_causal=True)`",
+        "CNN": "Pooling windows run as `avg_pool2d`/`max_pool2d`, conv + bias as one `conv2d` with the relu in "
+               "place on its output; what remains is mostly the convolutions themselves",
+        "transformer": "Attention is one `scaled_dot_product_attention` (~8% of TorchScript's time); the matmuls "
+                       "(`aten::addmm`) are ~35%, the MLP's tanh-GELU `x * sigmoid(...)` ~35% (`aten::mul`, "
+                       "`aten::sigmoid`): each op allocates a new hidden-sized tensor. Closing it: compute the "
+                       "GELU in place on its own temporaries when no input requires grad",
     }
     for kind in ("default", "single"):
         for case in cases[kind]:
@@ -244,6 +249,8 @@ if __name__ == "__main__":
         import torch
 
         torch.set_num_threads(1)
-        Path(sys.argv[2]).write_text(json.dumps(measure_cases("--quick" in sys.argv)))
+        only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--models=")), "")
+        cases = measure_cases("--quick" in sys.argv, set(filter(None, only.split(","))))
+        Path(sys.argv[2]).write_text(json.dumps(cases))
     else:
         harness.main(run)

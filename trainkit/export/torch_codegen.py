@@ -170,7 +170,7 @@ class Emitter:
         for i, eqn in enumerate(jaxpr.eqns):
             if i in fusions:
                 ins = [read(v) for v in fusions[i].inputs]
-                out = self.assign(fusions[i].emit([self.t(x) for x in ins]))
+                out = self.assign(fusions[i].emit(self, [self.t(x) for x in ins]))
                 if not any(self.needs_grad(x) for x in ins):
                     self._no_grad.add(out)
                 env[eqn.outvars[0]] = out

@@ -74,11 +74,16 @@ def _multiply_and_sum(g: Emitter, x: tuple[str, list], y: tuple[str, list], summ
 
 @rule("conv_general_dilated")
 def _conv(g: Emitter, eqn, ins) -> list[str]:
+    return [conv(g, eqn, g.t(ins[0]), g.t(ins[1]))]
+
+
+def conv(g: Emitter, eqn, x: str, w: str, bias: str = "None") -> str:
+    """torch.conv{1,2,3}d in the equation's layouts; `bias` (1-d, per output feature) is added by the conv
+    kernel itself (torch_fusion matches conv + bias)."""
     p = eqn.params
     if p["batch_group_count"] != 1:
         raise Unsupported("with batch_group_count != 1 is not supported")
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-    x, w = g.t(ins[0]), g.t(ins[1])
     nsp = len(lhs_spec) - 2
     if nsp not in (1, 2, 3):
         raise Unsupported(f"with {nsp} spatial dimensions is not supported")
@@ -97,9 +102,9 @@ def _conv(g: Emitter, eqn, ins) -> list[str]:
     else:
         x = g.assign(f"torch.constant_pad_nd({x}, {torch_pad(pads)}, 0.0)")
         padding = "[" + ", ".join(["0"] * nsp) + "]"
-    out = g.assign(f"torch.conv{nsp}d({x}, {w}, None, {int_list(p['window_strides'])}, {padding}, "
+    out = g.assign(f"torch.conv{nsp}d({x}, {w}, {bias}, {int_list(p['window_strides'])}, {padding}, "
                    f"{int_list(p['rhs_dilation'])}, {int(p['feature_group_count'])})")
     perm = [0] * (nsp + 2)
     for i, o in enumerate(out_spec):
         perm[o] = i
-    return [out if perm == list(range(nsp + 2)) else f"{out}.permute({int_list(perm)})"]
+    return out if perm == list(range(nsp + 2)) else f"{out}.permute({int_list(perm)})"

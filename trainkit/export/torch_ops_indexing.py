@@ -1,5 +1,5 @@
 """Primitive → torch code for indexing, windows and ordering: gather/scatter, dynamic slices, pad,
-convolutions, pooling windows, cumulative ops, sort and top_k.
+pooling windows (2-d float ones as native pooling, others by unfold), cumulative ops, sort and top_k.
 
 Out-of-bounds starts are clamped as XLA does; `FILL_OR_DROP` gathers fill and scatters drop.
 """
@@ -203,6 +203,9 @@ def _reduce_window(g: Emitter, eqn, ins) -> list[str]:
     pads = [(g.dim(lo), g.dim(hi)) for lo, hi in p["padding"]]
     if any(pair != ("0", "0") for pair in pads):
         x = g.assign(f"torch.constant_pad_nd({x}, {torch_pad(pads)}, {init})")
+    pooled = _pool2d(x, name, eqn.invars[0].aval, p)
+    if pooled is not None:
+        return [pooled]
     reduced = []
     for d, (win, stride, dil) in enumerate(zip(p["window_dimensions"], p["window_strides"], p["window_dilation"])):
         win, stride, dil = int(win), int(stride), int(dil)
@@ -216,6 +219,26 @@ def _reduce_window(g: Emitter, eqn, ins) -> list[str]:
         return [x]
     fn = {"reduce_window_sum": "torch.sum", "reduce_window_max": "torch.amax", "reduce_window_min": "torch.amin"}
     return [f"{fn[name]}({x}, {int_list(reduced)})"]
+
+
+def _pool2d(x: str, name: str, aval: Any, p: dict) -> str | None:
+    """A float sum/max window over dims (1, 2) (NHWC, flax's pools) or (2, 3) (NCHW) of a 4-d tensor, padding
+    already applied, as one native pooling kernel: unfold + sum reads each element once per window."""
+    windows, strides = [int(w) for w in p["window_dimensions"]], [int(s) for s in p["window_strides"]]
+    spatial = [d for d in range(aval.ndim) if (windows[d], strides[d]) != (1, 1)]
+    if (aval.ndim != 4 or name == "reduce_window_min" or not np.issubdtype(aval.dtype, np.floating)
+            or any(int(d) != 1 for d in p["window_dilation"]) or not spatial
+            or not (set(spatial) <= {1, 2} or set(spatial) <= {2, 3})):
+        return None
+    dims = (2, 3) if set(spatial) <= {2, 3} else (1, 2)
+    kernel, stride = int_list(windows[d] for d in dims), int_list(strides[d] for d in dims)
+    if dims == (1, 2):  # NHWC → NCHW is a view here: conv outputs are NCHW in memory (see `_conv`)
+        x = f"{x}.permute([0, 3, 1, 2])"
+    if name == "reduce_window_sum":  # divisor 1: the exact window sum, not a mean
+        out = f"torch.nn.functional.avg_pool2d({x}, {kernel}, {stride}, [0, 0], False, True, 1)"
+    else:
+        out = f"torch.max_pool2d({x}, {kernel}, {stride}, [0, 0], [1, 1], False)"
+    return f"{out}.permute([0, 2, 3, 1])" if dims == (1, 2) else out
 
 
 _CUMULATIVE = {"cumsum": "torch.cumsum({x}, {a}{dt})", "cumprod": "torch.cumprod({x}, {a}{dt})",
