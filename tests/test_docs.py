@@ -36,7 +36,7 @@ SCALE = 20
 STEP_KEYS = ("num_steps", "log_every", "eval_every", "checkpoint.every", "checkpoint.keep_every", "warmup_steps")
 # Commands not run, each with the reason. Keep this short.
 SKIPPED = {
-    "gs://": "needs a GCS bucket and gcsfs; tests/test_remote.py runs gs:// SOURCEs on an in-memory filesystem",
+    "gs://": "needs a GCS bucket; tests/test_gcs_workdir.py and test_remote.py run gs:// on a local GCS server",
 }
 EXAMPLE_URL = "https://example.com"
 ASSIGNMENT = re.compile(r"^([A-Z][A-Z0-9_]*)=(\S+)$")

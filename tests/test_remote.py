@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from etils import epath
 from etils.epath import backend as epath_backend
-from fsspec.implementations.memory import MemoryFileSystem
+from gcs_emulator import GCSEmulator
 from test_sources import build_workdir  # the same real Orbax workdir
 
 from trainkit.aliases import list_steps, read_alias, write_alias
@@ -296,39 +296,19 @@ def test_hub_unreachable(tmp_path):
                                "check your network or HF_ENDPOINT")
 
 
-# --- gs:// (no GCS here: an in-memory fsspec filesystem stands in for gcsfs behind etils.epath) -------------------
-
-
-class InMemoryGCS(MemoryFileSystem):
-    """`gs://bucket/...` through the same epath → fsspec route as gcsfs, protocol stripped the way gcsfs does."""
-
-    protocol = ("gs", "gcs")
-    root_marker = ""
-    store: dict = {}  # noqa: RUF012 - MemoryFileSystem keeps its state on the class
-    pseudo_dirs = [""]  # noqa: RUF012
-
-    def __init__(self, *args, finalize_on_close: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = str(path)
-        for prefix in ("gs://", "gcs://"):
-            path = path.removeprefix(prefix)
-        return path.rstrip("/")
+# --- gs:// (a GCS JSON-API server on 127.0.0.1; gcsfs behind etils.epath talks to it as it would to GCS) ---------
 
 
 @pytest.fixture
 def gcs(monkeypatch):
     if importlib.util.find_spec("tensorflow"):
-        pytest.skip("with TensorFlow installed, etils routes gs:// to tf.io.gfile instead of fsspec")
-    InMemoryGCS.store.clear()
-    InMemoryGCS.pseudo_dirs[:] = [""]
-    for name in ("gs", "gcs"):
-        monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, name, InMemoryGCS)
-    epath_backend.fsspec_backend._get_filesystem.cache_clear()
-    yield
-    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+        pytest.skip("with TensorFlow installed, etils routes gs:// to tf.io.gfile instead of gcsfs")
+    with GCSEmulator() as emulator:
+        for key, value in emulator.env.items():
+            monkeypatch.setenv(key, value)
+        epath_backend.fsspec_backend._get_filesystem.cache_clear()
+        yield emulator
+        epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def upload(local: Path, remote: str) -> None:

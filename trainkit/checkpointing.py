@@ -19,20 +19,20 @@ import json
 import math
 import shutil
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from trainkit import config as config_lib
 from trainkit import distributed
 from trainkit.errors import TrainkitError, is_disk_full
-from trainkit.manifest import verify_manifest, write_manifest
-from trainkit.aliases import list_steps, read_alias, step_dir_name, write_alias
+from trainkit.manifest import list_files, verify_manifest, write_manifest
+from trainkit.aliases import is_local, list_steps, read_alias, step_dir_name, write_alias
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "train_config.json"
@@ -49,20 +49,20 @@ class Restored:
     data_state: dict[str, Any] | None
     meta: dict[str, Any]
     step: int
-    step_dir: Path
+    step_dir: epath.Path
 
 
-def read_step_config(step_dir: Path) -> dict[str, Any]:
+def read_step_config(step_dir: epath.PathLike) -> dict[str, Any]:
     """The resolved config a step was trained with."""
-    path = Path(step_dir) / CONFIG_FILE
+    path = epath.Path(step_dir) / CONFIG_FILE
     if not path.exists():
         raise TrainkitError(f"{step_dir} has no {CONFIG_FILE}; it is not a trainkit checkpoint step")
     return json.loads(path.read_text())
 
 
-def read_meta(step_dir: Path) -> dict[str, Any]:
+def read_meta(step_dir: epath.PathLike) -> dict[str, Any]:
     """The `meta` item (format version, model, metrics, best), checking the format version first."""
-    step_dir = Path(step_dir)
+    step_dir = epath.Path(step_dir)
     manifest = step_dir / "manifest.json"
     version = json.loads(manifest.read_text()).get("format_version", 0) if manifest.exists() else 0
     if version > FORMAT_VERSION:
@@ -91,9 +91,9 @@ def upgrade_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def restore_step(step_dir: Path, abstract_state: Any) -> Restored:
+def restore_step(step_dir: epath.PathLike, abstract_state: Any) -> Restored:
     """Restore a step dir into `abstract_state`'s shapes, dtypes and shardings (any mesh, any device count)."""
-    step_dir = Path(step_dir)
+    step_dir = epath.Path(step_dir)
     meta = read_meta(step_dir)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
     state = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
@@ -104,22 +104,33 @@ def restore_step(step_dir: Path, abstract_state: Any) -> Restored:
     return Restored(state, data_state, meta, int(meta["step"]), step_dir)
 
 
-def read_state_arrays(step_dir: Path) -> dict[str, Any]:
+def read_state_arrays(step_dir: epath.PathLike) -> dict[str, Any]:
     """The saved TrainState as a tree of host numpy arrays, whatever mesh wrote it (export, ckpt, init_from)."""
     local = _this_process_only()
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
                                     multiprocessing_options=local)
-    tree = checkpointer.metadata(Path(step_dir) / "state").item_metadata.tree
+    tree = checkpointer.metadata(epath.Path(step_dir) / "state").item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return checkpointer.restore(
-        Path(step_dir) / "state", args=ocp.args.PyTreeRestore(item=None, restore_args=restore_args)
+        epath.Path(step_dir) / "state", args=ocp.args.PyTreeRestore(item=None, restore_args=restore_args)
     )
 
 
-def read_step_metrics(step_dir: Path) -> dict[str, float]:
+def read_step_metrics(step_dir: epath.PathLike) -> dict[str, float]:
     """The eval metrics recorded with a step ({} for steps saved without an eval)."""
-    path = Path(step_dir) / "metrics" / "metrics"
+    path = epath.Path(step_dir) / "metrics" / "metrics"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _set_aside(step_dir: epath.Path, target: epath.Path) -> None:
+    """Move a step dir out of Orbax's way: a rename on a local disk; on gs:// (no rename) a copy, then a delete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_local(step_dir):
+        step_dir.rename(target)
+        return
+    for rel in list_files(step_dir):
+        (target / rel).write_bytes((step_dir / rel).read_bytes())
+    step_dir.rmtree()
 
 
 def _preservation_policy(ck: ml_collections.ConfigDict) -> pp.PreservationPolicy:
@@ -139,10 +150,13 @@ def _preservation_policy(ck: ml_collections.ConfigDict) -> pp.PreservationPolicy
 
 
 class CheckpointManager:
-    """Saves and lists the steps of one workdir. All processes call `save`; process 0 writes files."""
+    """Saves and lists the steps of one workdir (local or gs://). All processes call `save`; process 0 writes
+    files. On gs:// Orbax marks finished steps with commit_success.txt instead of a rename, and deletes old steps
+    directly (a rename there is a copy)."""
 
-    def __init__(self, workdir: str | Path, config: ml_collections.ConfigDict):
-        self.directory = Path(workdir) / "checkpoints"
+    def __init__(self, workdir: epath.PathLike, config: ml_collections.ConfigDict):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self._local = is_local(self.directory)
         self.config = config
         ck = config.checkpoint
         self._primary = jax.process_index() == 0
@@ -157,7 +171,7 @@ class CheckpointManager:
             best_fn=(lambda m: m[ck.best_metric]) if ck.keep_best else None,
             best_mode=ck.best_mode,
             cleanup_tmp_directories=True,
-            todelete_subdir=DELETING_DIR,
+            todelete_subdir=DELETING_DIR if self._local else None,
             enable_async_checkpointing=ck.async_save,
             create=True,
         )
@@ -193,18 +207,17 @@ class CheckpointManager:
             if not (step_dir / "manifest.json").exists() and (step_dir / "_CHECKPOINT_METADATA").exists():
                 # Orbax finalized it (an atomic rename) but the run died before writing the manifest.
                 self._complete(step)
-            problems = verify_manifest(step_dir)
+            # On gs:// sizes only: hashing would download the whole step, and GCS checks every upload's crc32c.
+            problems = verify_manifest(step_dir, hashes=self._local)
             if not problems:
                 return step
             if self._primary:
                 print(f"trainkit: warning: skipping damaged checkpoint {step_dir}: {problems[0]}; "
                       f"moved to {self.directory}.damaged/", flush=True)
-                quarantine = Path(f"{self.directory}.damaged")
-                quarantine.mkdir(exist_ok=True)
-                step_dir.rename(quarantine / f"{step_dir.name}-{int(time.time())}")
+                _set_aside(step_dir, epath.Path(f"{self.directory}.damaged") / f"{step_dir.name}-{int(time.time())}")
         return None
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> epath.Path:
         return self.directory / step_dir_name(step)
 
     def alias(self, name: str) -> int | None:
@@ -264,7 +277,7 @@ class CheckpointManager:
 
     def _finish_deletions(self) -> None:
         """Delete the steps that retention renamed into W/checkpoints/.deleting/ (also those a kill interrupted)."""
-        if self._primary:
+        if self._primary and self._local:
             shutil.rmtree(self.directory / DELETING_DIR, ignore_errors=True)
 
     def _complete(self, step: int) -> int | None:
@@ -299,7 +312,7 @@ class CheckpointManager:
                 for tmp_dir in self.directory.glob(f"{step_dir_name(self._pending_step)}.orbax-checkpoint-tmp*"):
                     shutil.rmtree(tmp_dir, ignore_errors=True)
             steps = list_steps(self.directory)  # Orbax lists no unfinished save; a finished one resumes
-            free = shutil.disk_usage(self.directory).free if self.directory.exists() else 0
+            free = shutil.disk_usage(self.directory).free if self._local and self.directory.exists() else 0
             resume = (f"it resumes from step {steps[-1]}, the last complete checkpoint" if steps
                       else "there is no complete checkpoint yet, so it starts from scratch")
             raise TrainkitError(

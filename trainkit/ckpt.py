@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -53,7 +52,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from trainkit.checkpointing import read_step_metrics
     from trainkit.manifest import read_manifest
 
-    directory = Path(args.workdir) / "checkpoints"
+    from etils import epath
+
+    directory = epath.Path(args.workdir) / "checkpoints"  # a local or gs:// workdir
     if not directory.is_dir():
         raise TrainkitError(f"{args.workdir} has no checkpoints/ directory; pass a training workdir")
     aliases: dict[int, list[str]] = {}

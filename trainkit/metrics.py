@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-    """All records of W/metrics.jsonl (metrics lines and `event` lines such as resumes)."""
-    path = Path(workdir) / METRICS_FILE
+def read_metrics(workdir: epath.PathLike) -> list[dict[str, Any]]:
+    """All records of W/metrics.jsonl (metrics lines and `event` lines such as resumes); W may be gs://."""
+    path = epath.Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
     text = path.read_text()
@@ -46,24 +46,29 @@ def _summary_writer_class():
 
 class MetricsWriter:
     """Appends `{"step": s, "train/loss": ...}` lines; on resume, drops lines past the restored step so that
-    no step is ever recorded twice, and records the resume as an event line."""
+    no step is ever recorded twice, and records the resume as an event line. For a gs:// workdir the files are
+    written locally and uploaded every 30 s, at every `sync()` (each checkpoint save) and at `close()`."""
 
-    def __init__(self, workdir: str | Path, start_step: int, *, resumed: bool, wandb_run: Any = None):
+    def __init__(self, workdir: epath.Path, start_step: int, *, resumed: bool, wandb_run: Any = None):
+        from trainkit.workdir import Staged
+
         self.enabled = jax.process_index() == 0
         self._wandb = wandb_run
         self._tb = None
         if not self.enabled:
             return
-        self.path = Path(workdir) / METRICS_FILE
-        if self.path.exists():
-            kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= start_step]
+        self._staged = Staged(workdir, (METRICS_FILE, "tensorboard"))
+        self.path = self._staged.local / METRICS_FILE
+        kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= start_step]
+        if kept or self.path.exists():
             tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)  # a kill mid-rewrite leaves the old file, not a truncated one
         self._file = self.path.open("a")
         if resumed:
             self._line({"step": start_step, "event": "resume"})
-        self._tb = _summary_writer_class()(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
+        self._tb = _summary_writer_class()(str(self._staged.local / "tensorboard"), purge_step=start_step + 1)
+        self._staged.sync(force=True)
 
     def _line(self, record: Mapping[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -78,8 +83,16 @@ class MetricsWriter:
             self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(values, step=step)
+        self._staged.sync()
+
+    def sync(self) -> None:
+        """Upload now (a gs:// workdir; no-op for a local one): called at each checkpoint save."""
+        if self.enabled:
+            self._tb.flush()
+            self._staged.sync(force=True)
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
             self._tb.close()
+            self._staged.close()

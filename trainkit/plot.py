@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from etils import epath
+
 from trainkit.errors import ArgumentParser, TrainkitError, exits_cleanly
 from trainkit.metrics import METRICS_FILE, read_metrics
 
@@ -46,8 +48,10 @@ class RunCurves:
 
 
 def read_run(workdir: str | Path, label: str | None = None) -> RunCurves:
-    """Read a workdir's curves; raise TrainkitError if it has no metrics.jsonl."""
-    workdir = Path(workdir)
+    """Read a workdir's curves (local or gs://); raise TrainkitError if it has no metrics.jsonl."""
+    from trainkit.aliases import is_local
+
+    workdir = Path(workdir) if is_local(workdir) else epath.Path(workdir)
     records = read_metrics(workdir)
     if not records:
         raise TrainkitError(f"{workdir / METRICS_FILE} does not exist or is empty; pass a training workdir "
@@ -63,10 +67,11 @@ def read_run(workdir: str | Path, label: str | None = None) -> RunCurves:
                 steps, values = curves.setdefault(key, ([], []))
                 steps.append(int(record["step"]))
                 values.append(float(value))
-    return RunCurves(label or workdir.resolve().name, curves, resumes, _read_best(workdir, curves))
+    name = workdir.resolve().name if is_local(workdir) else workdir.name
+    return RunCurves(label or name, curves, resumes, _read_best(workdir, curves))
 
 
-def _read_best(workdir: Path, curves: dict[str, tuple[list[int], list[float]]]) -> Best | None:
+def _read_best(workdir: epath.Path | Path, curves: dict[str, tuple[list[int], list[float]]]) -> Best | None:
     from trainkit.aliases import read_alias
 
     config_path = workdir / "train_config.json"

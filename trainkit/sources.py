@@ -316,12 +316,15 @@ def _resolve_gs(source: str, cache: pathlib.Path) -> ResolvedSource:
         file, sha = fetching.copy_remote_file(found, cache)
         step_dir, sha = _unpack_cached(file, cache, shown=shown, sha256=sha)
         return ResolvedSource(step_dir, step=int(step_dir.name), origin=shown, kind="gs", sha256=sha)
-    return ResolvedSource(_copy_step_dir(found, cache), step, shown, "gs")
+    return ResolvedSource(copy_step_dir(found, cache), step, shown, "gs")
 
 
-def _copy_step_dir(remote: epath.Path, cache: pathlib.Path) -> pathlib.Path:
-    """Copy a finished remote step dir to `cache/gs/<key>/<name>` (finished step dirs never change)."""
-    key = hashlib.sha256(os.fspath(remote).encode()).hexdigest()[:32]
+def copy_step_dir(remote: epath.Path, cache: pathlib.Path) -> pathlib.Path:
+    """Copy a finished remote step dir to `cache/gs/<key>/<name>` once. A finished step dir never changes, but a
+    path can be saved again (`--fresh --overwrite`), so the key covers the path and the manifest's bytes."""
+    manifest = remote / MANIFEST_NAME
+    tag = manifest.read_bytes() if manifest.exists() else b""
+    key = hashlib.sha256(os.fspath(remote).encode() + b"\0" + tag).hexdigest()[:32]
     done = cache / "gs" / key / remote.name
     if done.is_dir():
         return done

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 
 from trainkit import config as config_lib
 from trainkit import distributed, sharding
@@ -63,7 +63,7 @@ def itstime(step: int, every: int, last: int | None = None) -> bool:
     return (every > 0 and step % every == 0) or step == last
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        options: RunOptions = RunOptions()) -> TrainResult:
     config_lib.validate(config)
     workdir = prepare(workdir)
@@ -75,7 +75,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             lock.release()
 
 
-def _run(config: ml_collections.ConfigDict, workdir: Path, options: RunOptions) -> TrainResult:
+def _run(config: ml_collections.ConfigDict, workdir: epath.Path, options: RunOptions) -> TrainResult:
     mesh = sharding.build_mesh(config.mesh)
     sharding.check_batch(config.batch_size, mesh)
     dataset = load_dataset(config.data)
@@ -169,6 +169,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, options: RunOptions) 
                 meta["best"] = best
             if itstime(step, config.checkpoint.every, config.num_steps) or new_best:
                 checkpoints.save(step, state, batches.get_state(), meta, eval_metrics)
+                writer.sync()  # a gs:// workdir's metrics reach the bucket with each checkpoint
                 saved_step = step
         if stopped_by:
             if saved_step != step:
@@ -235,12 +236,12 @@ def _improves(best: dict[str, Any], metrics: dict[str, float], ck: ml_collection
     return value < best["value"] if ck.best_mode == "min" else value > best["value"]
 
 
-def _write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
         (workdir / "train_config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
 
 
-def _clear_for_fresh(directory: Path, overwrite: bool) -> None:
+def _clear_for_fresh(directory: epath.Path, overwrite: bool) -> None:
     """--fresh ignores existing checkpoints; it deletes them only when --overwrite says so."""
     steps = list_steps(directory) if directory.exists() else []
     if steps and not overwrite:
@@ -249,10 +250,10 @@ def _clear_for_fresh(directory: Path, overwrite: bool) -> None:
             "add --overwrite to delete them, or choose another --workdir"
         )
     if directory.exists() and jax.process_index() == 0:
-        shutil.rmtree(directory)
+        directory.rmtree()
 
 
-def _finish(checkpoints: CheckpointManager, workdir: Path, config, task: Task, step: int) -> None:
+def _finish(checkpoints: CheckpointManager, workdir: epath.Path, config, task: Task, step: int) -> None:
     """Mark the final step and write the configured exports beside the packed final checkpoint."""
     checkpoints.mark_final(step)
     if jax.process_index() != 0 or not config.export.formats:

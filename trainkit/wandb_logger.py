@@ -30,11 +30,14 @@ from typing import Any, Mapping
 
 import jax
 import ml_collections
+from etils import epath
 
 from trainkit import config as config_lib
+from trainkit.aliases import is_local
 from trainkit.errors import TrainkitError
 from trainkit.metrics import read_metrics
 from trainkit.resume import Start
+from trainkit.workdir import staging_dir
 
 RUN_ID_FILE = "wandb_run_id"
 META_KEY = "wandb_run_id"  # in the `meta` item saved with every checkpoint step
@@ -59,7 +62,7 @@ class WandbRun:
         self.run.finish(exit_code=1 if failed else 0)
 
 
-def start_wandb(config: ml_collections.ConfigDict, workdir: Path, start: Start, step: int, *,
+def start_wandb(config: ml_collections.ConfigDict, workdir: epath.Path, start: Start, step: int, *,
                 fresh: bool = False) -> WandbRun | None:
     """Start (or continue) the W&B run of this training, on process 0 when `config.wandb.enabled`."""
     if not config.wandb.enabled or jax.process_index() != 0:
@@ -77,7 +80,8 @@ def start_wandb(config: ml_collections.ConfigDict, workdir: Path, start: Start, 
     try:
         run = wandb.init(
             project=config.wandb.project, entity=config.wandb.entity or None, mode=mode, id=run_id,
-            resume="allow", dir=str(workdir), name=workdir.resolve().name, config=config_lib.to_dict(config),
+            resume="allow", dir=str(staging_dir(workdir)), name=_run_name(workdir),
+            config=config_lib.to_dict(config),
             allow_val_change=True,  # a resume may change e.g. num_steps or learning_rate
         )
     except wandb.Error as e:
@@ -95,15 +99,19 @@ def new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def read_run_id(workdir: str | Path) -> str | None:
+def _run_name(workdir: epath.Path) -> str:
+    return Path(workdir).resolve().name if is_local(workdir) else workdir.name
+
+
+def read_run_id(workdir: epath.PathLike) -> str | None:
     """The W&B run id recorded in `W/wandb_run_id`, or None."""
-    path = Path(workdir) / RUN_ID_FILE
+    path = epath.Path(workdir) / RUN_ID_FILE
     if not path.exists():
         return None
     return path.read_text().strip() or None
 
 
-def _choose_run(workdir: Path, start: Start, step: int, fresh: bool) -> str:
+def _choose_run(workdir: epath.Path, start: Start, step: int, fresh: bool) -> str:
     """The W&B run id to log to, by the rules in the module docstring."""
     here = None if fresh else read_run_id(workdir)
     restored = start.meta.get(META_KEY) if start.origin in ("workdir", "resume_from") else None

@@ -1,22 +1,39 @@
-"""The workdir: created and checked writable up front, and locked so two runs never share it."""
+"""The workdir: created and checked writable up front, and locked so two runs never share it.
+
+A workdir is a local directory or a gs:// prefix. On gs:// Orbax writes the checkpoints straight to the bucket
+(every process its own shards); the small files trainkit writes as it goes (metrics.jsonl, TensorBoard events,
+the final exports) are written to a local staging dir first and uploaded (see `Staged`), because an object
+store has no append and no rename.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
+import hashlib
+import logging
 import os
+import pathlib
+import re
 import socket
+import time
 from pathlib import Path
 
+from etils import epath
+
+from trainkit.aliases import is_local
 from trainkit.errors import TrainkitError
 
 LOCK_FILE = ".trainkit.lock"
+REMOTE_SCHEMES = ("gs://",)
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{1,61}[a-z0-9]")
 
 
-def prepare(workdir: str | Path) -> Path:
-    """Create `workdir` if needed and check that it is a writable directory."""
+def prepare(workdir: str | os.PathLike) -> epath.Path:
+    """Create `workdir` if needed and check that it is a writable directory (local) or a usable bucket (gs://)."""
+    if not is_local(workdir):
+        return _prepare_remote(os.fspath(workdir))
     path = Path(workdir)
-    if str(workdir).startswith(("gs://", "s3://")):
-        raise TrainkitError(f"workdir {workdir}: pass remote workdirs through etils (gcsfs installed)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -25,7 +42,89 @@ def prepare(workdir: str | Path) -> Path:
         raise TrainkitError(f"workdir {path} exists and is not a directory; choose another --workdir")
     if not os.access(path, os.W_OK | os.X_OK):
         raise TrainkitError(f"workdir {path} is not writable; fix its permissions or choose another --workdir")
+    return epath.Path(path)
+
+
+def _prepare_remote(workdir: str) -> epath.Path:
+    if not workdir.startswith(REMOTE_SCHEMES):
+        raise TrainkitError(f"workdir {workdir}: only local paths and gs:// are supported; choose another --workdir")
+    try:
+        import gcsfs  # noqa: F401  # epath reaches gs:// through gcsfs (or tf.io.gfile when TensorFlow is installed)
+    except ImportError:
+        raise TrainkitError("gs:// workdirs need gcsfs; pip install 'trainkit[gcs]'") from None
+    bucket = workdir.removeprefix("gs://").split("/")[0]
+    if not _BUCKET_NAME.fullmatch(bucket):
+        raise TrainkitError(f"workdir {workdir}: {bucket!r} is not a valid GCS bucket name (3-63 characters: lowercase "
+                            "letters, digits, '-', '_', '.'); use gs://BUCKET/path/to/run")
+    path = epath.Path(workdir.rstrip("/"))
+    gcsfs_log = logging.getLogger("gcsfs")
+    level = gcsfs_log.level
+    gcsfs_log.setLevel(logging.CRITICAL)  # its retries log tracebacks; the one-line error below says it all
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        path.exists()
+    except Exception as e:  # noqa: BLE001 - auth, network and bucket errors come as many exception types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrainkitError(f"cannot use workdir {workdir} ({reason}); check the bucket name and your credentials "
+                            "(gcloud auth application-default login)") from None
+    finally:
+        gcsfs_log.setLevel(level)
     return path
+
+
+def staging_dir(workdir: epath.Path) -> pathlib.Path:
+    """The local directory that stands in for a gs:// workdir's small files; the workdir itself when local."""
+    if is_local(workdir):
+        return pathlib.Path(workdir)
+    from trainkit.sources import default_cache_dir
+
+    key = hashlib.sha256(os.fspath(workdir).encode()).hexdigest()[:16]
+    path = default_cache_dir() / "workdirs" / f"{workdir.name}-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Staged:
+    """Files written locally under `staging_dir(workdir)` and mirrored to a gs:// workdir: `sync()` uploads every
+    file (whole objects; an object store has no append) in a background thread, at most every `every_s` seconds
+    unless `force`; `close()` uploads what is left and waits. For a local workdir every call is a no-op."""
+
+    def __init__(self, workdir: epath.Path, subpaths: tuple[str, ...], every_s: float = 30.0):
+        self.remote = None if is_local(workdir) else workdir
+        self.local = staging_dir(workdir)
+        self._subpaths, self._every_s = subpaths, every_s
+        self._last = time.monotonic()
+        self._uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-upload")
+        self._pending: concurrent.futures.Future | None = None
+
+    def sync(self, *, force: bool = False) -> None:
+        if self.remote is None or (not force and time.monotonic() - self._last < self._every_s):
+            return
+        self._last = time.monotonic()
+        if self._pending is not None and not self._pending.done():
+            if not force:
+                return  # the running upload sends the newest bytes it finds; the next sync catches up
+            self._pending.result()
+        self._pending = self._uploader.submit(self._upload)
+
+    def _upload(self) -> None:  # on the one uploader thread: uploads never overlap
+        for sub in self._subpaths:
+            local = self.local / sub
+            files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+            for file in files:
+                upload(file, self.remote / file.relative_to(self.local).as_posix())
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.sync(force=True)
+            self._pending.result()
+        self._uploader.shutdown()
+
+
+def upload(local: pathlib.Path, remote: epath.Path) -> None:
+    """Copy one local file to a remote path (one object write: readers see the old or the new object)."""
+    remote.parent.mkdir(parents=True, exist_ok=True)
+    remote.write_bytes(local.read_bytes())
 
 
 def prepare_output(path: str | Path) -> Path:
@@ -47,13 +146,16 @@ def prepare_output(path: str | Path) -> Path:
 
 class WorkdirLock:
     """An exclusive flock on W/.trainkit.lock. The kernel drops it when the process dies, so a crashed run
-    never leaves the workdir stuck."""
+    never leaves the workdir stuck. gs:// has no locks: there, the scheduler that starts the job keeps it single
+    (a lease object would outlive a preempted VM and block its own restart)."""
 
-    def __init__(self, workdir: Path):
-        self.path = workdir / LOCK_FILE
+    def __init__(self, workdir: epath.Path):
+        self.path = Path(workdir) / LOCK_FILE if is_local(workdir) else None
         self._fd: int | None = None
 
     def acquire(self) -> "WorkdirLock":
+        if self.path is None:
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from trainkit.errors import TrainkitError
 from trainkit.models import Task
@@ -216,20 +217,29 @@ def export_checkpoint(source: str, out: str | Path, *, hf_token: str | None = No
     return entry
 
 
-def export_final(workdir: Path, step_dir: Path, config, task: Task) -> None:
-    """End of training: W/export/model.ckpt (the packed final step) beside each format in export.formats."""
+def export_final(workdir: epath.Path, step_dir: epath.Path, config, task: Task) -> None:
+    """End of training: W/export/model.ckpt (the packed final step) beside each format in export.formats.
+    For a gs:// workdir the step is copied here, exported into the local staging dir, then uploaded."""
+    from trainkit.aliases import is_local
     from trainkit.checkpointing import read_state_arrays
     from trainkit.packing import pack
+    from trainkit.sources import copy_step_dir, default_cache_dir
+    from trainkit.workdir import Staged
 
-    export_dir = Path(workdir) / "export"
+    staged = Staged(workdir, ("export",))
+    export_dir = staged.local / "export"
     export_dir.mkdir(exist_ok=True)
-    packed = pack(step_dir, export_dir / "model.ckpt")
-    step = int(Path(step_dir).name)
-    params = read_state_arrays(step_dir)["params"]
-    provenance = {"source": {"origin": str(packed), "step": step}, "config": config.to_dict(), "model": task.name}
+    local_step = Path(step_dir) if is_local(step_dir) else copy_step_dir(step_dir, default_cache_dir())
+    pack(local_step, export_dir / "model.ckpt")
+    step = int(local_step.name)
+    params = read_state_arrays(local_step)["params"]
+    origin = str(Path(workdir) / "export" / "model.ckpt" if is_local(workdir) else workdir / "export" / "model.ckpt")
+    provenance = {"source": {"origin": origin, "step": step}, "config": config.to_dict(), "model": task.name}
     for fmt in config.export.formats:
         out = export_dir / f"model{SUFFIX[fmt]}"
         entry = export_model(task, params, out, provenance, tolerance=config.export.tolerance)
         write_sidecar(export_dir / "model.json", entry)
-        print(f"trainkit: exported {out} (parity max_rel "
+        shown = out if is_local(workdir) else workdir / "export" / out.name
+        print(f"trainkit: exported {shown} (parity max_rel "
               f"{max(entry['parity'].get('max_rel', 0), entry['parity'].get('forces_max_rel', 0)):.2g})", flush=True)
+    staged.close()
