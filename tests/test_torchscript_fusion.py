@@ -1,6 +1,7 @@
 """Layer-level fusions of the TorchScript exporter: pooling windows, conv + bias + relu and dot-product
-attention become single native torch kernels (asserted on the scripted code) with the same values as JAX on
-other sizes than the traced ones, and, for the in-place relu, the same gradients."""
+attention become single native torch kernels, and activations and residual adds after a Dense run in place on
+its output (asserted on the scripted code), with the same values as JAX on other sizes than the traced ones
+and, where the fusion runs in place, the same gradients."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from trainkit.export.torchscript import parity, to_torchscript
-from trainkit.models.transformer import CausalSelfAttention
+from trainkit.export.torch_fusion_dense import GELU_CHUNK
+from trainkit.models.transformer import CausalSelfAttention, DecoderLM, lm_task
 
 RTOL = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
@@ -104,3 +106,54 @@ def test_causal_attention_becomes_is_causal_on_other_batch_and_sequence_sizes():
     module(xt).sum().backward()
     grad = jax.grad(lambda z: jnp.sum(apply(params, z)))(other)
     assert np.abs(xt.grad.numpy() - np.asarray(grad)).max() <= RTOL * np.abs(np.asarray(grad)).max()
+
+
+class DenseActivations(nn.Module):
+    """Residual MLPs with each activation that runs in place on a Dense's output, then a Dense read twice."""
+
+    @nn.compact
+    def __call__(self, x):
+        for act in (jax.nn.gelu, lambda h: jax.nn.gelu(h, approximate=False), nn.silu, nn.relu):
+            x = x + nn.Dense(x.shape[-1])(act(nn.Dense(16)(x)))
+        h = nn.Dense(x.shape[-1])(x)
+        return jax.nn.gelu(h) + h  # h is read after the gelu: it must not be overwritten
+
+
+def test_activations_and_residual_adds_run_in_place_on_dense_outputs_with_jax_values_and_gradients():
+    model = DenseActivations()
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    params, module, code = _export(model, (x,), [{0: "batch"}])
+    assert code.count("torch.split(") == 1 and code.count("torch.gelu_(") == 1, code  # tanh in chunks, erf
+    assert code.count("torch.silu_(") == 1 and code.count("torch.relu_(") == 1, code
+    assert code.count("torch.add_(") == 4 + 1, code  # the residuals and one in the tanh-gelu's loop
+    assert code.count("torch.sigmoid(") == 2, code  # the tanh-gelu's grad branch and the twice-read gelu
+    forces_module = to_torchscript(model.apply, params, (x,), dynamic_axes=[{0: "batch"}], with_forces=True)
+    other = rng.standard_normal((GELU_CHUNK // 12 + 7, 3, 4)).astype(np.float32)  # two chunks of 16 features
+    assert parity(model.apply, params, module, (other,))["max_rel"] <= RTOL
+    # With grad enabled it computes out of place (TorchScript's autodiff compiles the graph on the 2nd call).
+    for _ in range(3):
+        assert parity(model.apply, params, forces_module, (other,), with_forces=True)["max_rel"] <= RTOL
+    with torch.no_grad():
+        in_place = module(torch.from_numpy(other))
+    np.testing.assert_array_equal(in_place.numpy(), forces_module(torch.from_numpy(other))[0].numpy())
+
+
+def test_transformer_mlp_gelu_and_residuals_run_in_place_and_keep_parameter_gradients():
+    model = DecoderLM(vocab_size=11, max_len=16, d_model=16, num_heads=2, num_layers=2)
+    task = lm_task(model)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype) * 0.5,
+                          jax.eval_shape(task.init, jax.random.PRNGKey(0)))
+    tokens = task.example_inputs(0, {"batch": 2, "seq": 5})
+    module = to_torchscript(task.predict, params, tokens, dynamic_axes=[{0: "batch", 1: "seq"}])
+    code = module.code
+    assert code.count("torch.split(") == 2 and code.count("torch.add_(") == 2 * 3, code  # per layer: 2 residuals, gelu
+    assert "torch.sigmoid(" in code  # only in the out-of-place branch for gradients
+    other = task.example_inputs(1, {"batch": 3, "seq": 16})
+    assert parity(task.predict, params, module, other)["max_rel"] <= RTOL
+    # A loaded module fine-tuned in torch: a parameter that requires grad takes the out-of-place branch.
+    kernel = module.p_Block_0_mlp_up_kernel.requires_grad_(True)
+    grad = jax.grad(lambda p: jnp.sum(task.predict(p, *other)))(params)["Block_0"]["mlp"]["up"]["kernel"]
+    for _ in range(3):  # from the 2nd call on, TorchScript's autodiff runs a compiled graph
+        kernel.grad = None
+        module(torch.from_numpy(other[0])).sum().backward()
+        assert np.abs(kernel.grad.numpy() - np.asarray(grad)).max() <= RTOL * np.abs(np.asarray(grad)).max()

@@ -3,8 +3,9 @@
 `plan(jaxpr)` finds, e.g., the softmax that `jax.nn.softmax` traces to (reduce_max, stop_gradient, sub, exp,
 reduce_sum, div) and maps it to `torch.softmax(x, axis)`: the same value and gradient in one kernel. Covered:
 gelu (both forms), silu, softmax, log_softmax, flax LayerNorm, Dense (matmul + bias), Conv (conv + bias, and
-relu in place after it); dot-product attention in torch_fusion_attention. A chain is fused only when its
-intermediate values are used nowhere else.
+relu in place after it); dot-product attention in torch_fusion_attention; activations and residual adds in place
+on a Dense's output in torch_fusion_dense. A chain is fused only when its intermediate values are used nowhere
+else.
 """
 
 from __future__ import annotations
@@ -59,18 +60,18 @@ def _pair(eqn: core.JaxprEqn) -> list[tuple[object, object]]:
     return [(a, b), (b, a)]
 
 
-_GELU_LINEAR = 2 * math.sqrt(2 / math.pi)
-_GELU_CUBIC = _GELU_LINEAR * 0.044715
+GELU_LINEAR = 2 * math.sqrt(2 / math.pi)
+GELU_CUBIC = GELU_LINEAR * 0.044715
 
 
 def _gelu_tanh_code(g: Any, a: list[str]) -> str:
     # 0.5·(1 + tanh(z)) = sigmoid(2z): 5 passes instead of 8, and faster on CPU than torch's native
     # gelu(approximate="tanh") (measured: 87 µs vs 155 µs on 256×256, one thread)
     x = a[0]
-    return f"{x} * torch.sigmoid({x} * ({_GELU_LINEAR!r} + {_GELU_CUBIC!r} * ({x} * {x})))"
+    return f"{x} * torch.sigmoid({x} * ({GELU_LINEAR!r} + {GELU_CUBIC!r} * ({x} * {x})))"
 
 
-def _gelu_tanh(g: Graph, root: core.JaxprEqn) -> tuple | None:
+def match_gelu_tanh(g: Graph, root: core.JaxprEqn) -> tuple | None:
     for x, w in _pair(root):
         v = with_literal(g, w, "mul", 0.5)
         u = with_literal(g, v, "add", 1.0)
@@ -88,7 +89,7 @@ def _gelu_tanh(g: Graph, root: core.JaxprEqn) -> tuple | None:
     return None
 
 
-def _gelu_erf(g: Graph, root: core.JaxprEqn) -> tuple | None:
+def match_gelu_erf(g: Graph, root: core.JaxprEqn) -> tuple | None:
     for half, e in _pair(root):
         x = with_literal(g, half, "mul", 0.5)
         erfc = g.op(e, "erfc")
@@ -100,7 +101,7 @@ def _gelu_erf(g: Graph, root: core.JaxprEqn) -> tuple | None:
     return None
 
 
-def _silu(g: Graph, root: core.JaxprEqn) -> tuple | None:
+def match_silu(g: Graph, root: core.JaxprEqn) -> tuple | None:
     for x, s in _pair(root):
         sig = g.op(s, "logistic")
         if sig is not None and sig.invars[0] is x:
@@ -202,8 +203,18 @@ def _dense(g: Graph, root: core.JaxprEqn) -> tuple | None:
                 or z.aval.shape != (1,) * (out.ndim - 1) + (w.aval.shape[1],)
                 or not x.aval.dtype == w.aval.dtype == bias.aval.dtype == out.dtype):
             continue
-        return (x, w, bias), [root, dot, shaped], lambda g, a: f"torch.nn.functional.linear({a[0]}, {a[1]}.t(), {a[2]})"
+        return (x, w, bias), [root, dot, shaped], linear_code
     return None
+
+
+def linear_code(g: Any, a: list[str]) -> str:
+    return f"torch.nn.functional.linear({a[0]}, {a[1]}.t(), {a[2]})"
+
+
+def dense_of(g: Graph, v: object) -> tuple | None:
+    """`v = x @ W + b` (flax Dense) → ((x, W, b), chain, emit): `linear`, whose output is a tensor no one else holds."""
+    eqn = g.op(v, "add")
+    return _dense(g, eqn) if eqn is not None else None
 
 
 def _conv_bias(g: Graph, root: core.JaxprEqn) -> tuple | None:
@@ -224,12 +235,19 @@ def _conv_code(g: Any, eqn: core.JaxprEqn, x: str, w: str, bias: str = "None") -
     return conv(g, eqn, x, w, bias)
 
 
+def is_jax_relu(root: core.JaxprEqn) -> bool:
+    """`root` (a custom_jvp_call) is jax.nn.relu."""
+    call = root.params["call_jaxpr"]
+    return (call.jaxpr.debug_info.func_name == "relu" and len(root.invars) == 1
+            and "jax/_src/" in str(getattr(root.params["jvp_jaxpr_fun"].debug_info, "func_src_info", "")))
+
+
 def _conv_relu(g: Graph, root: core.JaxprEqn) -> tuple | None:
     """relu(conv [+ bias]) → relu in place on the conv's fresh output: a new activation-sized tensor per call
-    costs page faults that take longer than the relu itself (measured: CNN forward 4.4 → 2.4 ms, one thread)."""
-    call = root.params["call_jaxpr"]
-    if (call.jaxpr.debug_info.func_name != "relu" or len(root.invars) != 1
-            or "jax/_src/" not in str(getattr(root.params["jvp_jaxpr_fun"].debug_info, "func_src_info", ""))):
+    costs page faults that take longer than the relu itself (measured: CNN forward 4.4 → 2.4 ms, one thread).
+    Safe under autograd: relu's backward reads its output, and a conv's output is no view (see
+    torch_fusion_dense for outputs that are)."""
+    if not is_jax_relu(root):
         return None
     conv = g.op(root.invars[0], "conv_general_dilated")
     found = ((conv.invars, [conv], lambda g, a: _conv_code(g, conv, a[0], a[1])) if conv is not None
@@ -323,10 +341,10 @@ def _layer_norm_stats(g: Graph, x: core.Var, mean_b: object, inv: object) -> tup
 
 
 # Passes in order: chains that contain smaller ones (attention contains a softmax) are matched first.
-# torch_fusion_attention adds its matcher to the first pass.
+# torch_fusion_attention and torch_fusion_dense add their matchers to the first pass.
 _MATCHERS: tuple[dict[str, tuple], ...] = (
     {"custom_jvp_call": (_conv_relu,)},
-    {"mul": (_gelu_tanh, _gelu_erf, _silu), "div": (_softmax,), "sub": (_log_softmax,),
+    {"mul": (match_gelu_tanh, match_gelu_erf, match_silu), "div": (_softmax,), "sub": (_log_softmax,),
      "add": (_layer_norm, _dense, _conv_bias)})
 
 

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from trainkit.errors import TrainkitError
-from trainkit.export import torch_fusion_attention, torch_ops_contraction, torch_ops_indexing  # noqa: F401  (register)
+from trainkit.export import (  # noqa: F401  (register)
+    torch_fusion_attention, torch_fusion_dense, torch_ops_contraction, torch_ops_indexing)
 from trainkit.export.torch_codegen import Emitter
 from trainkit.export.torch_ops import RULES
 
