@@ -53,6 +53,7 @@ class Store:
         self.lock = threading.Lock()
         self._clock = 0
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for tests that want to look
+        self.refuse_uploads = False  # tests set it to answer every upload 403 Forbidden
 
     def next_generation(self) -> int:
         self._clock = max(self._clock + 1, int(time.time() * 1e6))
@@ -212,6 +213,8 @@ class Handler(BaseHTTPRequestHandler):
         return blob.resource(bucket, name)
 
     def upload(self, method: str, bucket: str, query: dict, headers: dict, body: bytes):
+        if self.store.refuse_uploads:
+            raise Reply(403, {"error": {"code": 403, "message": "storage.objects.create access denied (test)"}})
         kind = query.get("uploadType", "media")
         if method == "PUT" or (kind == "resumable" and "upload_id" in query):
             return self.resume_upload(bucket, query, headers, body)
@@ -312,6 +315,14 @@ class GCSEmulator:
     def names(self, bucket: str, prefix: str = "") -> list[str]:
         with self.store.lock:
             return sorted(n for n in self.store.objects(bucket) if n.startswith(prefix))
+
+    @property
+    def refuse_uploads(self) -> bool:
+        return self.store.refuse_uploads
+
+    @refuse_uploads.setter
+    def refuse_uploads(self, value: bool) -> None:
+        self.store.refuse_uploads = value
 
     def read(self, bucket: str, name: str) -> bytes:
         with self.store.lock:

@@ -17,11 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from etils import epath
+from etils.epath import backend as epath_backend
 from conftest import ROOT, assert_user_error, cli_env, run_cli, train
 from gcs_emulator import GCSEmulator
 from safetensors.numpy import load as load_safetensors
 
 from trainkit.aliases import list_steps
+from trainkit.errors import TrainkitError
+from trainkit.workdir import Staged
 
 RUN = ("--config.num_steps=60", "--config.log_every=5", "--config.eval_every=20", "--config.checkpoint.every=20",
        "--config.progress=none")
@@ -137,3 +141,37 @@ def test_fresh_overwrite_clears_a_gs_workdir(gcs, tmp_path):
 def test_bad_remote_workdirs_are_one_line(gcs, tmp_path, workdir, fragments):
     proc = train(workdir, check=False, env=gcs_env(gcs, tmp_path / "cache"))
     assert_user_error(proc, workdir, *fragments)
+
+
+def test_a_failed_upload_warns_and_is_retried(gcs, tmp_path, monkeypatch, capsys):
+    """Metrics uploads that fail (403 here) do not stop a run: a warning, and the next sync sends the newest bytes.
+    The final exports (`strict`) fail with one line naming the local copy instead."""
+    for key, value in {**gcs.env, "TRAINKIT_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    remote = epath.Path(f"gs://{BUCKET}/runs/U")
+    staged = Staged(remote, ("metrics.jsonl",))
+    metrics = staged.local / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n')
+    gcs.refuse_uploads = True
+    staged.sync(force=True)  # fails in the background
+    metrics.write_text('{"step": 1}\n{"step": 2}\n')
+    staged.sync(force=True)  # waits for that upload, warns, tries again
+    gcs.refuse_uploads = False
+    staged.close()
+    out = capsys.readouterr().out
+    assert f"trainkit: warning: uploading metrics.jsonl to {remote}/metrics.jsonl failed (" in out
+    assert "retrying now" in out
+    assert gcs.read(BUCKET, "runs/U/metrics.jsonl") == b'{"step": 1}\n{"step": 2}\n'
+
+    strict = Staged(remote, ("export",), strict=True)
+    (strict.local / "export").mkdir()
+    (strict.local / "export" / "model.pt").write_bytes(b"weights")
+    gcs.refuse_uploads = True
+    try:
+        with pytest.raises(TrainkitError, match=r"uploading model.pt to .*export/model.pt failed \(.*the files are in"):
+            strict.close()
+    finally:
+        gcs.refuse_uploads = False
+        epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    assert "runs/U/export/model.pt" not in gcs.names(BUCKET, "runs/U/")

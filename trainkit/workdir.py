@@ -87,12 +87,15 @@ def staging_dir(workdir: epath.Path) -> pathlib.Path:
 class Staged:
     """Files written locally under `staging_dir(workdir)` and mirrored to a gs:// workdir: `sync()` uploads every
     file (whole objects; an object store has no append) in a background thread, at most every `every_s` seconds
-    unless `force`; `close()` uploads what is left and waits. For a local workdir every call is a no-op."""
+    unless `force`; `close()` uploads what is left and waits. For a local workdir every call is a no-op.
 
-    def __init__(self, workdir: epath.Path, subpaths: tuple[str, ...], every_s: float = 30.0):
+    A failed upload is a warning and is retried at the next sync: a run does not die for a metrics upload. If the
+    last upload (at `close`) fails, `strict` makes it an error naming the local copy; otherwise a warning does."""
+
+    def __init__(self, workdir: epath.Path, subpaths: tuple[str, ...], every_s: float = 30.0, strict: bool = False):
         self.remote = None if is_local(workdir) else workdir
         self.local = staging_dir(workdir)
-        self._subpaths, self._every_s = subpaths, every_s
+        self._subpaths, self._every_s, self._strict = subpaths, every_s, strict
         self._last = time.monotonic()
         self._uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-upload")
         self._pending: concurrent.futures.Future | None = None
@@ -101,24 +104,39 @@ class Staged:
         if self.remote is None or (not force and time.monotonic() - self._last < self._every_s):
             return
         self._last = time.monotonic()
-        if self._pending is not None and not self._pending.done():
-            if not force:
+        if self._pending is not None:
+            if not self._pending.done() and not force:
                 return  # the running upload sends the newest bytes it finds; the next sync catches up
-            self._pending.result()
+            if failure := self._pending.result():
+                print(f"trainkit: warning: {failure}; retrying now", flush=True)
         self._pending = self._uploader.submit(self._upload)
 
-    def _upload(self) -> None:  # on the one uploader thread: uploads never overlap
+    def _upload(self) -> str | None:
+        """Upload every staged file (on the one uploader thread: uploads never overlap); the failure, if any."""
         for sub in self._subpaths:
             local = self.local / sub
             files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
             for file in files:
-                upload(file, self.remote / file.relative_to(self.local).as_posix())
+                target = self.remote / file.relative_to(self.local).as_posix()
+                try:
+                    upload(file, target)
+                except Exception as e:  # noqa: BLE001 - network, auth and quota errors come as many types
+                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    return f"uploading {file.name} to {target} failed ({reason})"
+        return None
 
     def close(self) -> None:
-        if self.remote is not None:
-            self.sync(force=True)
-            self._pending.result()
-        self._uploader.shutdown()
+        try:
+            if self.remote is not None:
+                self.sync(force=True)  # warns if the previous upload failed; this one retries it
+                failure = self._pending.result()
+                if failure and self._strict:
+                    raise TrainkitError(f"{failure}; the files are in {self.local}: copy them to {self.remote} "
+                                        "or run the same command again")
+                if failure:
+                    print(f"trainkit: warning: {failure}; the local copy is in {self.local}", flush=True)
+        finally:
+            self._uploader.shutdown()
 
 
 def upload(local: pathlib.Path, remote: epath.Path) -> None:

@@ -226,7 +226,7 @@ def export_final(workdir: epath.Path, step_dir: epath.Path, config, task: Task) 
     from trainkit.sources import copy_step_dir, default_cache_dir
     from trainkit.workdir import Staged
 
-    staged = Staged(workdir, ("export",))
+    staged = Staged(workdir, ("export",), strict=True)
     export_dir = staged.local / "export"
     export_dir.mkdir(exist_ok=True)
     local_step = Path(step_dir) if is_local(step_dir) else copy_step_dir(step_dir, default_cache_dir())
