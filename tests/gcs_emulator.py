@@ -48,8 +48,9 @@ class Blob:
 class Store:
     """Buckets of blobs behind one lock; generations are unique and increasing, as on GCS."""
 
-    def __init__(self) -> None:
-        self.buckets: dict[str, dict[str, Blob]] = {}
+    def __init__(self, buckets: tuple[str, ...] | None = None) -> None:
+        self.buckets: dict[str, dict[str, Blob]] = {name: {} for name in buckets or ()}
+        self.any_bucket = buckets is None  # otherwise only these exist (and those created through the API)
         self.lock = threading.Lock()
         self._clock = 0
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for tests that want to look
@@ -60,6 +61,8 @@ class Store:
         return self._clock
 
     def objects(self, bucket: str) -> dict[str, Blob]:
+        if bucket not in self.buckets and not self.any_bucket:
+            raise Reply(404, {"error": {"code": 404, "message": "The specified bucket does not exist."}})
         return self.buckets.setdefault(bucket, {})
 
 
@@ -135,9 +138,16 @@ class Handler(BaseHTTPRequestHandler):
             return self.object(method, unquote(m[1]), unquote(m[2]), query, headers)
         if m := re.fullmatch(r"/storage/v1/b/([^/]+)/o/?", path):
             return self.listing(unquote(m[1]), query)
+        if path.rstrip("/") == "/storage/v1/b" and method == "POST":  # create a bucket
+            name = json.loads(body)["name"]
+            with self.store.lock:
+                self.store.buckets.setdefault(name, {})
+            return 200, {"kind": "storage#bucket", "name": name, "id": name, "location": "US"}, {}
         if m := re.fullmatch(r"/storage/v1/b/([^/]+)/storageLayout", path):
             return 200, {"kind": "storage#storageLayout", "bucket": unquote(m[1]), "location": "US"}, {}
         if m := re.fullmatch(r"/storage/v1/b/([^/]+)/?", path):
+            with self.store.lock:
+                self.store.objects(unquote(m[1]))  # 404 for a bucket that does not exist
             return 200, {"kind": "storage#bucket", "name": unquote(m[1]), "id": unquote(m[1]), "location": "US"}, {}
         return 404, {"error": {"code": 404, "message": f"no route for {method} {path}"}}, {}
 
@@ -291,10 +301,11 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class GCSEmulator:
-    """`with GCSEmulator() as gcs: gcs.env` — a running server and the environment that points clients at it."""
+    """`with GCSEmulator() as gcs: gcs.env` — a running server and the environment that points clients at it.
+    Every bucket exists (created on first use) unless `buckets` names the ones that do."""
 
-    def __init__(self, port: int = 0):
-        self.store = Store()
+    def __init__(self, port: int = 0, buckets: tuple[str, ...] | None = None):
+        self.store = Store(buckets)
         handler = type("BoundHandler", (Handler,), {"store": self.store, "uploads": {}})
         self.server = _QuietServer(("127.0.0.1", port), handler)
         self.server.daemon_threads = True

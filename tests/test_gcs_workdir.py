@@ -34,7 +34,7 @@ BUCKET = "trainkit-test"
 
 @pytest.fixture(scope="module")
 def gcs():
-    with GCSEmulator() as emulator:
+    with GCSEmulator(buckets=(BUCKET,)) as emulator:  # like GCS: only buckets that were created exist
         yield emulator
 
 
@@ -175,3 +175,14 @@ def test_a_failed_upload_warns_and_is_retried(gcs, tmp_path, monkeypatch, capsys
         gcs.refuse_uploads = False
         epath_backend.fsspec_backend._get_filesystem.cache_clear()
     assert "runs/U/export/model.pt" not in gcs.names(BUCKET, "runs/U/")
+
+
+def test_a_missing_bucket_is_one_line_and_is_not_created(tmp_path):
+    """gcsfs's mkdir would create a missing bucket; trainkit probes with one object write instead."""
+    with GCSEmulator(buckets=("real-bucket",)) as strict:
+        proc = train("gs://reel-bucket/run", check=False, env=gcs_env(strict, tmp_path / "cache"))
+        assert_user_error(proc, "bucket gs://reel-bucket does not exist", "gcloud storage buckets create",
+                          "--workdir")
+        assert set(strict.store.buckets) == {"real-bucket"}
+        assert not any(method == "POST" and path.split("?")[0].rstrip("/") == "/storage/v1/b"
+                       for method, path in strict.store.requests)

@@ -161,7 +161,7 @@ def test_two_processes_on_a_gs_workdir(reference, tmp_path):
     from gcs_emulator import GCSEmulator
     from safetensors.numpy import load as load_safetensors
 
-    with GCSEmulator() as gcs:
+    with GCSEmulator(buckets=("pod-bucket",)) as gcs:
         launch("gs://pod-bucket/run", *RUN, *MESH_8, env=cli_env(**gcs.env, TRAINKIT_CACHE=str(tmp_path / "cache")))
         ours = load_safetensors(gcs.read("pod-bucket", "run/export/model.safetensors"))
         final = gcs.read("pod-bucket", "run/checkpoints/final").decode().strip()

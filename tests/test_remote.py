@@ -303,7 +303,7 @@ def test_hub_unreachable(tmp_path):
 def gcs(monkeypatch):
     if importlib.util.find_spec("tensorflow"):
         pytest.skip("with TensorFlow installed, etils routes gs:// to tf.io.gfile instead of gcsfs")
-    with GCSEmulator() as emulator:
+    with GCSEmulator(buckets=("bucket",)) as emulator:
         for key, value in emulator.env.items():
             monkeypatch.setenv(key, value)
         epath_backend.fsspec_backend._get_filesystem.cache_clear()

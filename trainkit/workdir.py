@@ -17,6 +17,7 @@ import pathlib
 import re
 import socket
 import time
+import uuid
 from pathlib import Path
 
 from etils import epath
@@ -57,16 +58,22 @@ def _prepare_remote(workdir: str) -> epath.Path:
         raise TrainkitError(f"workdir {workdir}: {bucket!r} is not a valid GCS bucket name (3-63 characters: lowercase "
                             "letters, digits, '-', '_', '.'); use gs://BUCKET/path/to/run")
     path = epath.Path(workdir.rstrip("/"))
+    # Probe with one small object write, not mkdir: gcsfs's mkdir would *create* a missing bucket (a typo'd name
+    # would become a new bucket in your project). Objects need no parent directories on GCS.
+    probe = path / f".trainkit-probe-{uuid.uuid4().hex}"
     gcsfs_log = logging.getLogger("gcsfs")
     level = gcsfs_log.level
     gcsfs_log.setLevel(logging.CRITICAL)  # its retries log tracebacks; the one-line error below says it all
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        path.exists()
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileNotFoundError:
+        raise TrainkitError(f"bucket gs://{bucket} does not exist (workdir {workdir}); create it (gcloud storage "
+                            "buckets create gs://" + bucket + ") or fix the name in --workdir") from None
     except Exception as e:  # noqa: BLE001 - auth, network and bucket errors come as many exception types
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TrainkitError(f"cannot use workdir {workdir} ({reason}); check the bucket name and your credentials "
-                            "(gcloud auth application-default login)") from None
+        raise TrainkitError(f"cannot write to workdir {workdir} ({reason}); check the bucket name and your "
+                            "credentials (gcloud auth application-default login)") from None
     finally:
         gcsfs_log.setLevel(level)
     return path
@@ -140,8 +147,8 @@ class Staged:
 
 
 def upload(local: pathlib.Path, remote: epath.Path) -> None:
-    """Copy one local file to a remote path (one object write: readers see the old or the new object)."""
-    remote.parent.mkdir(parents=True, exist_ok=True)
+    """Copy one local file to a gs:// path: one object write (readers see the old or the new object); an object
+    needs no parent directories."""
     remote.write_bytes(local.read_bytes())
 
 
