@@ -87,7 +87,7 @@ class MetricsWriter:
 
     def sync(self) -> None:
         """Upload now (a gs:// workdir; no-op for a local one): called at each checkpoint save."""
-        if self.enabled:
+        if self.enabled and self._staged.remote is not None:
             self._tb.flush()
             self._staged.sync(force=True)
 

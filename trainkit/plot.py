@@ -50,6 +50,7 @@ class RunCurves:
 def read_run(workdir: str | Path, label: str | None = None) -> RunCurves:
     """Read a workdir's curves (local or gs://); raise TrainkitError if it has no metrics.jsonl."""
     from trainkit.aliases import is_local
+    from trainkit.workdir import display_name
 
     workdir = Path(workdir) if is_local(workdir) else epath.Path(workdir)
     records = read_metrics(workdir)
@@ -67,8 +68,7 @@ def read_run(workdir: str | Path, label: str | None = None) -> RunCurves:
                 steps, values = curves.setdefault(key, ([], []))
                 steps.append(int(record["step"]))
                 values.append(float(value))
-    name = workdir.resolve().name if is_local(workdir) else workdir.name
-    return RunCurves(label or name, curves, resumes, _read_best(workdir, curves))
+    return RunCurves(label or display_name(workdir), curves, resumes, _read_best(workdir, curves))
 
 
 def _read_best(workdir: epath.Path | Path, curves: dict[str, tuple[list[int], list[float]]]) -> Best | None:

@@ -33,11 +33,10 @@ import ml_collections
 from etils import epath
 
 from trainkit import config as config_lib
-from trainkit.aliases import is_local
 from trainkit.errors import TrainkitError
 from trainkit.metrics import read_metrics
 from trainkit.resume import Start
-from trainkit.workdir import staging_dir
+from trainkit.workdir import display_name, staging_dir
 
 RUN_ID_FILE = "wandb_run_id"
 META_KEY = "wandb_run_id"  # in the `meta` item saved with every checkpoint step
@@ -80,7 +79,7 @@ def start_wandb(config: ml_collections.ConfigDict, workdir: epath.Path, start: S
     try:
         run = wandb.init(
             project=config.wandb.project, entity=config.wandb.entity or None, mode=mode, id=run_id,
-            resume="allow", dir=str(staging_dir(workdir)), name=_run_name(workdir),
+            resume="allow", dir=str(staging_dir(workdir)), name=display_name(workdir),
             config=config_lib.to_dict(config),
             allow_val_change=True,  # a resume may change e.g. num_steps or learning_rate
         )
@@ -97,10 +96,6 @@ def start_wandb(config: ml_collections.ConfigDict, workdir: epath.Path, start: S
 def new_run_id() -> str:
     """A fresh id in W&B's style: 8 characters of [a-z0-9]."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-
-
-def _run_name(workdir: epath.Path) -> str:
-    return Path(workdir).resolve().name if is_local(workdir) else workdir.name
 
 
 def read_run_id(workdir: epath.PathLike) -> str | None:

@@ -79,6 +79,11 @@ def _prepare_remote(workdir: str) -> epath.Path:
     return path
 
 
+def display_name(workdir: epath.PathLike) -> str:
+    """A workdir's name for labels (W&B run, plot legend): the last part of its resolved path or gs:// prefix."""
+    return pathlib.Path(workdir).resolve().name if is_local(workdir) else epath.Path(workdir).name
+
+
 def staging_dir(workdir: epath.Path) -> pathlib.Path:
     """The local directory that stands in for a gs:// workdir's small files; the workdir itself when local."""
     if is_local(workdir):

@@ -226,6 +226,7 @@ def export_final(workdir: epath.Path, step_dir: epath.Path, config, task: Task) 
     from trainkit.sources import copy_step_dir, default_cache_dir
     from trainkit.workdir import Staged
 
+    workdir = epath.Path(workdir)
     staged = Staged(workdir, ("export",), strict=True)
     export_dir = staged.local / "export"
     export_dir.mkdir(exist_ok=True)
@@ -233,13 +234,12 @@ def export_final(workdir: epath.Path, step_dir: epath.Path, config, task: Task) 
     pack(local_step, export_dir / "model.ckpt")
     step = int(local_step.name)
     params = read_state_arrays(local_step)["params"]
-    origin = str(Path(workdir) / "export" / "model.ckpt" if is_local(workdir) else workdir / "export" / "model.ckpt")
+    origin = str(workdir / "export" / "model.ckpt")  # where it ends up (for gs://, after the upload)
     provenance = {"source": {"origin": origin, "step": step}, "config": config.to_dict(), "model": task.name}
     for fmt in config.export.formats:
         out = export_dir / f"model{SUFFIX[fmt]}"
         entry = export_model(task, params, out, provenance, tolerance=config.export.tolerance)
         write_sidecar(export_dir / "model.json", entry)
-        shown = out if is_local(workdir) else workdir / "export" / out.name
-        print(f"trainkit: exported {shown} (parity max_rel "
+        print(f"trainkit: exported {workdir / 'export' / out.name} (parity max_rel "
               f"{max(entry['parity'].get('max_rel', 0), entry['parity'].get('forces_max_rel', 0)):.2g})", flush=True)
     staged.close()

@@ -288,13 +288,8 @@ def _reshape(g: Emitter, eqn, ins) -> list[str]:
     return [f"{x}.reshape({g.shape(eqn.params['new_sizes'])})"]
 
 
-@rule("squeeze")
-def _squeeze(g: Emitter, eqn, ins) -> list[str]:
-    return [f"{g.t(ins[0])}.reshape({g.shape(eqn.outvars[0].aval.shape)})"]
-
-
-@rule("expand_dims")
-def _expand_dims(g: Emitter, eqn, ins) -> list[str]:
+@rule("squeeze", "expand_dims")
+def _reshape_to_output(g: Emitter, eqn, ins) -> list[str]:
     return [f"{g.t(ins[0])}.reshape({g.shape(eqn.outvars[0].aval.shape)})"]
 
 
