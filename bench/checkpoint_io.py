@@ -62,13 +62,14 @@ def _trainkit_config(compression: bool):
 
 def trainkit_save(state: Any, workdir: Path, compression: bool, step: int = 1) -> dict[str, float]:
     """Save through trainkit's CheckpointManager (async, as training does) and wait until it is on disk."""
+    from trainkit.checkpoint_meta import CheckpointMeta
     from trainkit.checkpointing import CheckpointManager
 
     manager = CheckpointManager(workdir, _trainkit_config(compression))
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its one-line save summary
             start = time.perf_counter()
-            manager.save(step, state, {"next_index": 0}, {"model": "bench"})
+            manager.save(step, state, {"next_index": 0}, CheckpointMeta(model="bench", step=step))
             manager.wait()
             total = time.perf_counter() - start
         record = manager.saves[-1]

@@ -34,6 +34,7 @@ def worker(total_bytes: int, directory: Path) -> dict[str, float]:
     import jax
     from absl import logging
 
+    from trainkit.checkpoint_meta import CheckpointMeta
     from trainkit.checkpointing import CheckpointManager
     from trainkit.config import base_config
 
@@ -43,7 +44,8 @@ def worker(total_bytes: int, directory: Path) -> dict[str, float]:
     # A first save pays one-time setup (thread pools, tensorstore contexts): do it on a tiny state elsewhere.
     with contextlib.redirect_stdout(io.StringIO()):
         warm_up = CheckpointManager(directory / "warm-up", config)
-        warm_up.save(1, {"w": jax.device_put(np.zeros(1024, np.float32))}, {"next_index": 0}, {"model": "bench"})
+        warm_up.save(1, {"w": jax.device_put(np.zeros(1024, np.float32))}, {"next_index": 0},
+                     CheckpointMeta(model="bench", step=1))
         warm_up.close()
     manager = CheckpointManager(directory / "run", config)
     gc.collect()
@@ -61,7 +63,7 @@ def worker(total_bytes: int, directory: Path) -> dict[str, float]:
     harness.reset_peak_rss()
     with contextlib.redirect_stdout(io.StringIO()):  # its one-line save summary
         start = time.perf_counter()
-        manager.save(1, state, {"next_index": 0}, {"model": "bench"})
+        manager.save(1, state, {"next_index": 0}, CheckpointMeta(model="bench", step=1))
         blocked = time.perf_counter() - start
         manager.wait()
         seconds = time.perf_counter() - start

@@ -68,7 +68,7 @@ def random_params(task) -> Any:
 
 
 def export(task, params, with_forces: bool):
-    from trainkit.export.checkpoint import TRACE_DIMS
+    from trainkit.export.parity import TRACE_DIMS
     from trainkit.export.torchscript import to_torchscript
 
     axes = [{i: d for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in task.inputs]
@@ -241,7 +241,7 @@ def run(quick: bool) -> Section:
         "so it ran as 8 separate ops (`aten::mul` was a third of the 1-thread time). "
         "trainkit/models/transformer.py now writes it in the fused form (10–20% faster TorchScript forward).",
         "Then: the activation after a Dense (gelu, silu, relu) and the residual add of a Dense's output run in "
-        "place on `linear`'s fresh output when nothing requires grad (trainkit/export/torch_fusion_dense.py): "
+        "place on `linear`'s fresh output when nothing requires grad (trainkit/export/torchscript/fusion/dense.py): "
         "the transformer's 1-thread forward went from ~0.7× to ~1.0× of jax.jit; CNN and potential unchanged.",
     ]
     return section

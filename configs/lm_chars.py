@@ -1,7 +1,7 @@
 """Character (byte) language model on Python stdlib sources: a small decoder-only transformer.
 
-    python -m trainkit.main --config=configs/lm_chars.py --workdir=/tmp/lm
-    python -m trainkit.main --config=configs/lm_chars.py:tiny --workdir=/tmp/lm_tiny   # seconds, for tests
+    python -m trainkit.main --config=configs/lm_chars.py --workdir=runs/lm
+    python -m trainkit.main --config=configs/lm_chars.py:tiny --workdir=runs/lm_tiny   # seconds, for tests
 
 Measured (seed 0, Python 3.11.7, 2 CPU cores): 600 steps, ~2 min wall (86 s of CPU; up to 5 min when other
 jobs share the cores); eval loss 1.97 nats/byte (2.84 bits, 50% next-byte accuracy) against the training

@@ -1,7 +1,7 @@
 """Interatomic potential for rattled Cu/Ni fcc cells labelled by ASE's EMT (energies and forces).
 
-    python -m trainkit.main --config=configs/potential.py --workdir=/tmp/pot
-    python -m trainkit.main --config=configs/potential.py:tiny --workdir=/tmp/pot_tiny   # seconds, for tests
+    python -m trainkit.main --config=configs/potential.py --workdir=runs/pot
+    python -m trainkit.main --config=configs/potential.py:tiny --workdir=runs/pot_tiny   # seconds, for tests
 
 Goal: eval force MAE at most 1/5 of the zero-force baseline (`zero_force_mae` in the dataset info).
 Measured (seed 0, 2 CPU cores): 600 steps, ~1.5 min wall (65 s of CPU; ~3 min when other jobs share the

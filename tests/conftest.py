@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Before anything imports jax: tests see 8 CPU devices, as a small multi-device host would.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent JAX compilation cache per test session, shared by this process and every CLI subprocess: the
+# suite starts hundreds of training processes that compile the same few programs (see CONTRIBUTING.md for the
+# time it saves). Per session, so a stale cache can never hide a change. TRAINKIT_TEST_JAX_CACHE=0 turns it off.
+if os.environ.get("TRAINKIT_TEST_JAX_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="trainkit-test-jax-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # CPU programs compile in well under 1 s
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 
@@ -75,8 +86,6 @@ FAST = ("--config.num_steps=20", "--config.log_every=5", "--config.eval_every=10
 def read_only_dir(tmp_path):
     """A directory nobody can write to, root included: a read-only tmpfs where mounting is allowed (root),
     else a chmod 0500 directory (non-root). Yields a callable that fills it first, then seals it."""
-    import shutil
-
     target = tmp_path / "ro"
     target.mkdir()
     mounted = False

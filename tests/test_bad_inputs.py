@@ -28,6 +28,8 @@ import pytest
 from conftest import assert_user_error, cli_env, run_cli, train, tree_hash
 from test_remote import closed_port, hub_handler, serving
 
+from trainkit.workdir import LOCK_FILE
+
 MAIN, EXPORT, CKPT, PLOT = "trainkit.main", "trainkit.export", "trainkit.ckpt", "trainkit.plot"
 DEFAULT = "--config=configs/default.py"
 SHORT = ("--config.num_steps=20", "--config.batch_size=32", "--config.log_every=10", "--config.eval_every=10",
@@ -273,8 +275,18 @@ def test_bad_input(case: Case, world, outcomes, request):
     assert outcome.hash_before == outcome.hash_after, "the case changed its workdir"
 
 
-def test_catalogue_size_and_shared_inputs_untouched(world, outcomes):
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
-    assert {m for c in CASES for m in [c.module]} >= {MAIN, EXPORT, CKPT}
+def test_refusals_name_their_causes_and_leave_nothing_behind(world, outcomes):
+    # trainkit words each cause its own way, not with a catch-all (a case's own paths made alike first).
+    messages = set()
+    for case_id, outcome in outcomes.items():
+        line = next((s for s in outcome.proc.stderr.splitlines() if s.startswith("trainkit: error:")), "")
+        messages.add(line.replace(str(world.root / "cases" / case_id), "<case>").replace(str(world.root), "<root>"))
+    assert len(messages) >= 30, sorted(messages)
+    # A refused command leaves no file in the paths it was given (no half-made checkpoint, export or pack), only
+    # the lock file of a workdir it had opened: the lock is a flock that ends with the process, the file stays.
+    cases = world.root / "cases"
+    left = sorted(p.relative_to(cases).as_posix() for p in cases.rglob("*")
+                  if p.is_file() and p.relative_to(cases).parts[1] != "w")  # w: a case's workdir copy, hashed above
+    assert [p for p in left if Path(p).name != LOCK_FILE] == [], left
     assert tree_hash(Path(world.places["W"])) == world.hashes["W"], "a case changed the shared workdir"
     assert tree_hash(Path(world.places["IN"])) == world.hashes["IN"], "a case changed the shared inputs"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from trainkit.aliases import list_steps, read_alias
+from trainkit.checkpoint_meta import Best, CheckpointMeta
 from trainkit.checkpointing import CheckpointManager
 from trainkit.config import base_config
 
@@ -43,7 +44,7 @@ def test_exact_steps_kept(tmp_path, async_save):
             continue
         step, loss = entry
         state = {"w": np.full((4,), step, np.float32), "step": np.int32(step)}
-        ckpts.save(step, state, {"next_index": step}, {"model": "toy"},
+        ckpts.save(step, state, {"next_index": step}, CheckpointMeta(model="toy", step=step),
                    None if loss is None else {"eval/loss": loss})
         ckpts.wait()
         assert list_steps(tmp_path / "checkpoints") == EXPECTED[step], f"after saving step {step}"
@@ -58,7 +59,26 @@ def test_keep_best_max_mode(tmp_path):
                              keep_every=0, async_save=False)
     ckpts = CheckpointManager(tmp_path, config)
     for step, acc in [(1, 0.5), (2, 0.9), (3, 0.7), (4, 0.8), (5, 0.1)]:
-        ckpts.save(step, {"w": np.zeros(2, np.float32)}, {"next_index": step}, {}, {"eval/accuracy": acc})
+        ckpts.save(step, {"w": np.zeros(2, np.float32)}, {"next_index": step}, CheckpointMeta(model="toy", step=step),
+                   {"eval/accuracy": acc})
     ckpts.close()
     assert list_steps(tmp_path / "checkpoints") == [2, 4, 5]
     assert read_alias(tmp_path / "checkpoints", "best") == 2
+
+
+@pytest.mark.parametrize("mode, better, worse", [("min", 0.4, 0.6), ("max", 0.6, 0.4)])
+def test_manager_decides_when_an_eval_is_a_new_best(tmp_path, mode, better, worse):
+    config = base_config()
+    config.checkpoint.update(keep_best=1, best_metric="eval/m", best_mode=mode, async_save=False)
+    ckpts = CheckpointManager(tmp_path, config)
+    assert ckpts.improved_best(None, 10, {"eval/m": 0.5}) == Best(step=10, value=0.5)  # the first eval
+    assert ckpts.improved_best(Best(10, 0.5), 20, {"eval/m": better}) == Best(step=20, value=better)
+    assert ckpts.improved_best(Best(10, 0.5), 20, {"eval/m": worse}) is None
+    assert ckpts.improved_best(Best(10, 0.5), 20, {"eval/m": 0.5}) is None  # a tie keeps the older step
+    assert ckpts.improved_best(Best(10, 0.5), 20, {"eval/other": better}) is None  # best_metric not evaluated
+    assert ckpts.improved_best(Best(10, 0.5), 20, None) is None  # no eval at this step
+    ckpts.close()
+    config.checkpoint.keep_best = 0  # "best" is off: no eval forces a save
+    ckpts = CheckpointManager(tmp_path, config)
+    assert ckpts.improved_best(None, 30, {"eval/m": better}) is None
+    ckpts.close()

@@ -2,7 +2,7 @@
 workdirs, and the configuration reference lists exactly the keys (and defaults) the code has.
 
 How a guide's bash blocks run:
-- `NAME=value` lines set a shell variable; the test points it into tmp_path instead (the docs say `W=/tmp/digits`).
+- `NAME=value` lines set a shell variable, as typed: a relative path (`W=runs/digits`) under the scratch directory.
 - Every other line must be a trainkit command (`python -m trainkit...` or `trainkit ...`), optionally with
   `VAR=value` prefixes; it runs under bash in a scratch directory (with `configs/` linked in).
 - Step counts shrink by SCALE: `num_steps`, `log_every`, `eval_every`, `checkpoint.every`, `checkpoint.keep_every`,
@@ -68,6 +68,7 @@ def shrink(command: str) -> str:
     command = re.sub(r"(checkpoints/)(\d{6})\b", lambda m: f"{m[1]}{scaled(int(m[2])):06d}", command)
     if "trainkit.main" not in command and not command.startswith("trainkit train"):
         return command
+    command, comment = re.match(r"(.*?)(\s+#.*)?$", command).groups()  # overrides go before a trailing comment
     for key in STEP_KEYS:
         command, found = re.subn(rf"(--config\.{re.escape(key)}=)(\d+)\b", lambda m: f"{m[1]}{scaled(int(m[2]))}",
                                  command)
@@ -75,7 +76,7 @@ def shrink(command: str) -> str:
             default = config_value(command, key)
             if default:
                 command += f" --config.{key}={scaled(default)}"
-    return command
+    return command + (comment or "")
 
 
 def config_value(command: str, key: str) -> Any:
@@ -130,8 +131,9 @@ def test_guide_commands_run(guide, tmp_path):
         for number, line in lines:
             where = f"{guide}:{number}: {line}"
             assignment = ASSIGNMENT.match(line)
-            if assignment:
-                env[assignment[1]] = str(tmp_path / assignment[1].lower())
+            if assignment:  # relative, as users type them: under the scratch working directory
+                assert not assignment[2].startswith(("/", "~")), f"{where}: use a relative path such as runs/x"
+                env[assignment[1]] = assignment[2]
                 continue
             skip = next((why for marker, why in SKIPPED.items() if marker in line), None)
             if skip:
@@ -143,7 +145,7 @@ def test_guide_commands_run(guide, tmp_path):
             command = line[len(prefixes):]
             assert command.startswith(("python -m trainkit", "trainkit ")), \
                 f"{where}: only trainkit commands belong in ```bash blocks (use ```text for other shell)"
-            assert "/tmp/" not in command, f"{where}: use a variable such as $W for paths"
+            assert "/tmp/" not in command, f"{where}: use a relative path or a variable such as $W"
             command = shrink(command).replace(EXAMPLE_URL, web.url)
             if "HF_TOKEN=" in prefixes:
                 prefixes = re.sub(r"HF_TOKEN=\S+", f"HF_TOKEN={TOKEN}", prefixes)

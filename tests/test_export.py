@@ -177,3 +177,30 @@ def test_export_errors_are_one_line(tmp_path_factory, tmp_path):
     assert_user_error(run_cli(str(workdir), "-o", str(existing), module="trainkit.export"), "--overwrite")
     assert existing.read_text() == "keep me"
     assert tree_hash(workdir) == before
+
+
+def test_formats_table_names_every_format_and_reading_it_imports_no_jax_or_torch():
+    """`FORMATS` is the one list: config validation and the suffix lookup read it, without importing JAX or torch."""
+    code = """
+import sys
+from trainkit.config import base_config, validate
+from trainkit.export.formats import FORMATS, format_of
+config = base_config()
+config.export.formats = tuple(FORMATS)
+validate(config)
+assert all(format_of("model" + f.suffix) is f for f in FORMATS.values())
+assert not {"jax", "torch"} & set(sys.modules), "reading the formats table imported JAX or torch"
+print(" ".join(FORMATS))
+"""
+    assert run_python(code).stdout.split() == ["pt", "stablehlo", "safetensors"]
+
+
+def test_a_nan_anywhere_fails_the_parity_gate():
+    """A NaN output or NaN force is never within tolerance (max() alone would drop a NaN second argument)."""
+    import math
+
+    from trainkit.export.formats import Report
+
+    assert Report(max_abs=0.0, max_rel=1e-7, forces_max_abs=math.nan, forces_max_rel=math.nan).worst == math.inf
+    assert Report(max_abs=math.nan, max_rel=math.nan, forces_max_abs=0.0, forces_max_rel=1e-7).worst == math.inf
+    assert Report(max_abs=1e-6, max_rel=2e-7, forces_max_abs=1e-6, forces_max_rel=3e-7).worst == 3e-7

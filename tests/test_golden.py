@@ -1,7 +1,7 @@
 """A checkpoint written by format version 1 (tests/data/golden_v1, an MLP on digits) must keep loading.
 
-When the format changes, bump FORMAT_VERSION, add an upgrade step in `checkpointing.upgrade_meta`, and add a new
-golden directory beside this one; never edit an old one.
+When the format changes, bump FORMAT_VERSION, add `upgrade_v{N}_to_v{N+1}` to `checkpoint_meta.UPGRADES`, and add a
+new golden directory beside this one; never edit an old one.
 """
 
 from __future__ import annotations
@@ -11,12 +11,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import ROOT, run_cli, train, tree_hash
-from trainkit.checkpointing import FORMAT_VERSION, read_meta, read_state_arrays
+from trainkit.checkpoint_meta import FORMAT_VERSION, UPGRADES, Best, CheckpointMeta
+from trainkit.checkpointing import read_meta, read_state_arrays
+from trainkit.errors import TrainkitError
 from trainkit.sources import resolve_source
 
 GOLDEN = ROOT / "tests" / "data" / "golden_v1"
+GOLDEN_META = GOLDEN / "checkpoints" / "000002" / "meta" / "metadata"  # the JSON Orbax wrote for `meta`
 CONFIG = ("--config.model.hidden=(16,)", "--config.log_every=1", "--config.eval_every=3",
           "--config.export.formats=('safetensors',)")
 
@@ -26,7 +30,7 @@ def test_golden_v1_resolves_and_reads():
     resolved = resolve_source(str(GOLDEN))
     assert resolved.step == 2
     meta = read_meta(resolved.step_dir)
-    assert meta["format_version"] == 1 <= FORMAT_VERSION and meta["model"] == "mlp"
+    assert meta == CheckpointMeta(model="mlp", step=2, best=Best(step=2, value=0.055710306406685235))
     params = read_state_arrays(resolved.step_dir)["params"]
     shapes = {"/".join(str(k.key) for k in p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(params)}
     assert shapes == {"Dense_0/kernel": (64, 16), "Dense_0/bias": (16,), "Dense_1/kernel": (16, 10),
@@ -43,3 +47,37 @@ def test_golden_v1_verifies_and_resumes(tmp_path: Path):
     sidecar = json.loads((tmp_path / "export" / "model.json").read_text())
     assert sidecar["source"]["step"] == 3
     assert tree_hash(GOLDEN) == before
+
+
+def test_golden_v1_meta_reads_as_typed_and_writes_back_byte_for_byte():
+    raw = json.loads(GOLDEN_META.read_text())
+    assert raw["format_version"] == 1
+    meta = CheckpointMeta.from_json(raw)
+    assert meta == CheckpointMeta(model="mlp", step=2, best=Best(step=2, value=0.055710306406685235),
+                                  wandb_run_id=None)
+    # Orbax writes json.dumps of to_json(): a step saved today has v1's bytes (while FORMAT_VERSION is 1).
+    if FORMAT_VERSION == 1:
+        assert json.dumps(meta.to_json()).encode() == GOLDEN_META.read_bytes()
+
+
+def test_meta_without_best_and_with_wandb_run_round_trips():
+    meta = CheckpointMeta(model="cnn", step=40, wandb_run_id="ab12cd34")
+    raw = meta.to_json()
+    assert list(raw) == ["model", "best", "wandb_run_id", "format_version", "step"] and raw["best"] == {}
+    assert CheckpointMeta.from_json(json.loads(json.dumps(raw))) == meta
+
+
+def test_every_older_format_version_has_an_upgrade_and_a_golden_checkpoint():
+    # Version 1 is the only format so far, so UPGRADES is empty; a bump without an upgrade fails here.
+    assert set(UPGRADES) == set(range(1, FORMAT_VERSION))
+    assert all((ROOT / "tests" / "data" / f"golden_v{v}").is_dir() for v in range(1, FORMAT_VERSION + 1))
+
+
+def test_meta_of_a_newer_format_version_is_refused():
+    raw = {**json.loads(GOLDEN_META.read_text()), "format_version": FORMAT_VERSION + 1}
+    with pytest.raises(TrainkitError) as info:
+        CheckpointMeta.from_json(raw, "W/checkpoints/000002")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"W/checkpoints/000002 has checkpoint format version {FORMAT_VERSION + 1}" in message
+    assert "upgrade trainkit" in message

@@ -20,6 +20,8 @@ SMALL = {
     "export_to_simulator.ipynb": {"CONFIG": "configs/potential.py:tiny", "NUM_STEPS": 20, "MD_STEPS": 50},
 }
 NOTEBOOKS = tuple(SMALL)
+WORKDIRS = {"quickstart.ipynb": ["runs/quickstart"], "export_to_simulator.ipynb": ["runs/potential"],
+            "finetune.ipynb": ["runs/finetune/cu_ni", "runs/finetune/cu_pd_finetuned", "runs/finetune/cu_pd_scratch"]}
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +47,24 @@ def parameters_cell(notebook) -> object:
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name, kernel_env, tmp_path):
     notebook = nbformat.read(ROOT / "colabs" / name, as_version=4)
-    overrides = {"WORKDIR": str(tmp_path / "run"), "ROOT_DIR": str(tmp_path), **SMALL[name]}
+    overrides = SMALL[name]  # the workdirs stay as written: relative to the working directory, as users run them
     cell = parameters_cell(notebook)
     names = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line}
     cell.source += "\n# test_notebooks.py: tiny runs\n" + "\n".join(
         f"{k} = {v!r}" for k, v in overrides.items() if k in names)
+    scratch = tmp_path / "cwd"  # the kernel's working directory: a clone's root, with its configs/
+    scratch.mkdir()
+    (scratch / "configs").symlink_to(ROOT / "configs")
     client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=300,
-                                     resources={"metadata": {"path": str(ROOT)}})
+                                     resources={"metadata": {"path": str(scratch)}})
     client.execute(env=kernel_env)  # raises CellExecutionError naming the cell on the first error
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.output_type == "error"]
     assert not errors, errors
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "trainkit: error" not in text and "Traceback" not in text, text[-3000:]
+    for workdir in WORKDIRS[name]:  # relative workdirs landed under the working directory
+        assert (scratch / workdir / "checkpoints" / "final").is_file(), workdir
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the notebook showed no plot"
 

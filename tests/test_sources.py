@@ -1,7 +1,7 @@
-"""SOURCE resolution, aliases, manifests and packing, on a real Orbax checkpoint written in a tmp dir.
+"""SOURCE resolution, aliases, manifests and packing, on a workdir that trainkit's CheckpointManager writes.
 
-The workdir built here has steps 40 and 80, a save killed mid-way (`000120.orbax-checkpoint-tmp-*`), and the
-aliases `last` = `final` = 80, `best` = 40 — the layout trainkit's checkpointing writes.
+The workdir built here has steps 40 and 80 (real saves: eval/loss 0.1 then 0.3), a save killed mid-way
+(`000120.orbax-checkpoint-tmp-*`), and the aliases the manager wrote: `last` = `final` = 80, `best` = 40.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 
 from trainkit.aliases import find_step_dir, list_steps, read_alias, write_alias
+from trainkit.checkpoint_meta import FORMAT_VERSION
 from trainkit.errors import TrainkitError
-from trainkit.manifest import read_manifest, verify_manifest, write_manifest
+from trainkit.manifest import read_manifest, verify_manifest
 from trainkit.packing import MARKER_NAME, pack, read_pack_info, unpack
 from trainkit.sources import resolve_source
-
-FORMAT_VERSION = 1
 
 
 def state_tree(step: int) -> dict:
@@ -33,26 +32,25 @@ def state_tree(step: int) -> dict:
 
 
 def build_workdir(root: Path) -> Path:
-    """Write a real Orbax workdir `root/W` the way trainkit's checkpointing lays it out; return W."""
-    import orbax.checkpoint as ocp
+    """Save steps 40 and 80 into `root/W` with trainkit's CheckpointManager, as training does; return W."""
+    from trainkit.checkpoint_meta import CheckpointMeta
+    from trainkit.checkpointing import CheckpointManager
+    from trainkit.config import base_config
 
     workdir = root / "W"
-    checkpoints = workdir / "checkpoints"
-    manager = ocp.CheckpointManager(
-        checkpoints, options=ocp.CheckpointManagerOptions(step_format_fixed_length=6), item_names=("state",)
-    )
-    for step in (40, 80):
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree(step))))
-        manager.wait_until_finished()
-        step_dir = checkpoints / f"{step:06d}"
-        (step_dir / "train_config.json").write_text(json.dumps({"model": "mlp", "num_steps": 80}))
-        write_manifest(step_dir, step=step, format_version=FORMAT_VERSION)
+    config = base_config()
+    config.model.name = "mlp"  # named in train_config.json (test_unpack_verifies_the_manifest edits it)
+    config.checkpoint.update(keep_last=5, keep_best=1, best_metric="eval/loss", best_mode="min", keep_every=0,
+                             async_save=False)
+    manager = CheckpointManager(workdir, config)
+    for step, loss in ((40, 0.1), (80, 0.3)):  # 40 stays the best
+        manager.save(step, state_tree(step), {"next_index": step}, CheckpointMeta(model=config.model.name, step=step),
+                     {"eval/loss": loss})
+    manager.mark_final(80)
     manager.close()
     # A save killed mid-way: Orbax leaves a tmp dir that must never be listed or loaded.
+    checkpoints = workdir / "checkpoints"
     shutil.copytree(checkpoints / "000080", checkpoints / "000120.orbax-checkpoint-tmp-1700000000")
-    write_alias(checkpoints, "best", 40)
-    write_alias(checkpoints, "last", 80)
-    write_alias(checkpoints, "final", 80)
     return workdir
 
 

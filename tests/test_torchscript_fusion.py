@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from trainkit.export.torchscript import parity, to_torchscript
-from trainkit.export.torch_fusion_dense import GELU_CHUNK
+from trainkit.export.torchscript.fusion.dense import GELU_CHUNK
 from trainkit.models.transformer import CausalSelfAttention, DecoderLM, lm_task
 
 RTOL = 1e-5

@@ -132,7 +132,7 @@ def test_sigterm_and_resume_is_one_wandb_run_without_duplicate_steps(resumed):
     assert len(segments) == 2, "expected two offline segments: before and after the SIGTERM"
     run_id = read_run_id(workdir)
     final = workdir / "checkpoints" / step_dir_name(read_alias(workdir / "checkpoints", "final"))
-    assert {i for i, _ in segments} == {run_id} and read_meta(final)["wandb_run_id"] == run_id
+    assert {i for i, _ in segments} == {run_id} and read_meta(final).wandb_run_id == run_id
     steps = [step for _, rows in segments for step, _ in rows]
     assert steps == list(range(2, 41, 2)), steps  # strictly increasing, none twice, none missing
     assert_rows_match_metrics(workdir, [row for _, rows in segments for row in rows])

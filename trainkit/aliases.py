@@ -19,6 +19,7 @@ import uuid
 from etils import epath
 
 from trainkit.errors import TrainkitError
+from trainkit.paths import is_local
 
 ALIAS_NAMES = ("last", "best", "final")
 STEP_DIR_DIGITS = 6  # matches CheckpointManagerOptions(step_format_fixed_length=6)
@@ -33,11 +34,6 @@ MAX_ALIAS_BYTES = 64  # an alias file holds a step name; anything larger is not 
 def step_dir_name(step: int) -> str:
     """The directory name Orbax gives `step`, e.g. `step_dir_name(40) == "000040"`."""
     return f"{step:0{STEP_DIR_DIGITS}d}"
-
-
-def is_local(path: epath.PathLike) -> bool:
-    """True for a path on this machine's filesystem, False for gs://, s3://, ..."""
-    return "://" not in os.fspath(path)
 
 
 def is_complete_step_dir(path: epath.PathLike) -> bool:

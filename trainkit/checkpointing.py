@@ -1,13 +1,14 @@
 """W/checkpoints: the Orbax CheckpointManager with trainkit's retention, aliases, manifests and restore.
 
 A step dir `W/checkpoints/000040/` holds the Orbax items `state` (TrainState), `data` (iterator position) and
-`meta` (format version, model, metrics, best-so-far, logger ids), plus `train_config.json` and `manifest.json`
+`meta` (a CheckpointMeta: format version, model, best-so-far, logger ids), plus `train_config.json` and `manifest.json`
 (sizes and sha256 of every file). The manifest is written after Orbax has finalized the step, in a background
 thread, so the loop never waits on I/O; a step is *good* when its manifest verifies.
 
 Retention keeps the union of the last `keep_last`, the best `keep_best` by `best_metric`, and every `keep_every`-th
 step (an AnyPreservationPolicy: Orbax's own best_fn + max_to_keep would delete the latest step when it is not
-among the best). Aliases `last`/`best`/`final` are pointer files (see trainkit.sources).
+among the best). Aliases `last`/`best`/`final` are pointer files (see trainkit.sources). The manager is the one
+owner of "best": it decides when an eval is a new best (`improved_best`), keeps the best steps and writes `best`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
-import math
 import shutil
 import time
 from typing import Any, Mapping
@@ -30,11 +30,12 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from trainkit import config as config_lib
 from trainkit import distributed
+from trainkit.checkpoint_meta import FORMAT_VERSION, Best, CheckpointMeta, check_readable
 from trainkit.errors import TrainkitError, is_disk_full
 from trainkit.manifest import list_files, verify_manifest, write_manifest
-from trainkit.aliases import is_local, list_steps, read_alias, step_dir_name, write_alias
+from trainkit.aliases import list_steps, step_dir_name, write_alias
+from trainkit.paths import is_local
 
-FORMAT_VERSION = 1
 CONFIG_FILE = "train_config.json"
 # Retention first renames a step out of the way (atomic), then trainkit deletes it: a kill mid-delete must not
 # leave a half-deleted step that still looks like one.
@@ -47,7 +48,7 @@ class Restored:
 
     state: Any
     data_state: dict[str, Any] | None
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     step: int
     step_dir: epath.Path
 
@@ -60,35 +61,23 @@ def read_step_config(step_dir: epath.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def read_meta(step_dir: epath.PathLike) -> dict[str, Any]:
-    """The `meta` item (format version, model, metrics, best), checking the format version first."""
+def read_meta(step_dir: epath.PathLike) -> CheckpointMeta:
+    """The `meta` item of a step (upgraded to the current format), checking the format version first: the one
+    place that reads it. Example: `read_meta("W/checkpoints/000040").best`."""
     step_dir = epath.Path(step_dir)
     manifest = step_dir / "manifest.json"
-    version = json.loads(manifest.read_text()).get("format_version", 0) if manifest.exists() else 0
-    if version > FORMAT_VERSION:
-        raise TrainkitError(
-            f"{step_dir} has checkpoint format version {version}, newer than this trainkit reads "
-            f"({FORMAT_VERSION}); upgrade trainkit (pip install -U trainkit)"
-        )
+    # The manifest says the version before Orbax touches files a newer trainkit may have laid out differently.
+    check_readable(json.loads(manifest.read_text()).get("format_version", 0) if manifest.exists() else 0,
+                   str(step_dir))
     local = _this_process_only()
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler(multiprocessing_options=local),
-                            multiprocessing_options=local).restore(step_dir / "meta")
-    return upgrade_meta(meta)
+    raw = ocp.Checkpointer(ocp.JsonCheckpointHandler(multiprocessing_options=local),
+                           multiprocessing_options=local).restore(step_dir / "meta")
+    return CheckpointMeta.from_json(raw, str(step_dir))
 
 
 def _this_process_only() -> ocp.options.MultiprocessingOptions:
     """For reads one process may do alone (export on process 0): no barriers with the other processes."""
     return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
-
-
-def upgrade_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    """Bring `meta` of an older format version up to FORMAT_VERSION (one step per version, as metatrain does)."""
-    upgrades: dict[int, Any] = {}  # version -> function(meta) -> meta of version + 1
-    version = int(meta.get("format_version", 1))
-    while version < FORMAT_VERSION:
-        meta = upgrades[version](meta)
-        version += 1
-    return meta
 
 
 def restore_step(step_dir: epath.PathLike, abstract_state: Any) -> Restored:
@@ -101,7 +90,7 @@ def restore_step(step_dir: epath.PathLike, abstract_state: Any) -> Restored:
     )
     data_dir = step_dir / "data"
     data_state = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(data_dir) if data_dir.exists() else None
-    return Restored(state, data_state, meta, int(meta["step"]), step_dir)
+    return Restored(state, data_state, meta, meta.step, step_dir)
 
 
 def read_state_arrays(step_dir: epath.PathLike) -> dict[str, Any]:
@@ -220,8 +209,20 @@ class CheckpointManager:
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / step_dir_name(step)
 
-    def alias(self, name: str) -> int | None:
-        return read_alias(self.directory, name)
+    # -- best ----------------------------------------------------------------------------------------------
+    def improved_best(self, best: Best | None, step: int, metrics: Mapping[str, float] | None) -> Best | None:
+        """The new best if `metrics` (the eval at `step`) beat `best` on checkpoint.best_metric, else None.
+        The loop saves such a step even between its regular saves, so that `best` names a step on disk.
+
+        Example: `checkpoints.improved_best(Best(step=10, value=0.5), 20, {"eval/loss": 0.4})` -> Best(20, 0.4)
+        """
+        ck = self.config.checkpoint
+        if not ck.keep_best or not metrics or ck.best_metric not in metrics:
+            return None
+        value = metrics[ck.best_metric]
+        if best is not None and not (value < best.value if ck.best_mode == "min" else value > best.value):
+            return None
+        return Best(step=step, value=value)
 
     # -- writing -------------------------------------------------------------------------------------------
     def save(
@@ -229,13 +230,13 @@ class CheckpointManager:
         step: int,
         state: Any,
         data_state: Mapping[str, Any],
-        meta: Mapping[str, Any],
+        meta: CheckpointMeta,
         metrics: Mapping[str, float] | None = None,
     ) -> None:
-        """Start saving `step`; returns once the arrays are copied off the devices (async) or written (sync)."""
+        """Start saving `step`; returns once the arrays are copied off the devices (async) or written (sync).
+        `meta` is written as of `step` (its `step` is set here), in the current format: the one place it is written."""
         self.wait()
         start = time.perf_counter()
-        meta = {**meta, "format_version": FORMAT_VERSION, "step": step}
         self._pending_step = step
         with self._disk_full_is_user_error():
             ok = self._manager.save(
@@ -243,7 +244,7 @@ class CheckpointManager:
                 args=ocp.args.Composite(
                     state=ocp.args.PyTreeSave(state),
                     data=ocp.args.JsonSave(dict(data_state)),
-                    meta=ocp.args.JsonSave(meta),
+                    meta=ocp.args.JsonSave(dataclasses.replace(meta, step=step).to_json()),
                 ),
                 metrics=dict(metrics) if metrics else None,
                 force=True,
@@ -325,15 +326,6 @@ class CheckpointManager:
         self.wait()
         if self._primary:
             write_alias(self.directory, "final", step)
-
-    def best_value(self) -> float | None:
-        """The best `best_metric` among the kept steps (survives restarts: Orbax stores metrics per step)."""
-        best = self._manager.best_step()
-        if best is None:
-            return None
-        metrics = self._manager.metrics(best) if hasattr(self._manager, "metrics") else None
-        value = (metrics or {}).get(self.config.checkpoint.best_metric)
-        return None if value is None or math.isnan(value) else float(value)
 
     def close(self) -> None:
         try:

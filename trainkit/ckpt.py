@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from trainkit.errors import ArgumentParser, TrainkitError, exits_cleanly
+from trainkit.paths import absolute_path
 
 
 def _resolve(source: str, hf_token: str | None, *, verify: bool = True):
@@ -85,6 +86,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import orbax.checkpoint as ocp
 
+    from trainkit.checkpoint_meta import FORMAT_VERSION
     from trainkit.checkpointing import read_meta, read_step_config
 
     resolved = _resolve(args.source, args.hf_token)
@@ -93,11 +95,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     leaves = _leaves(tree)
     config = read_step_config(resolved.step_dir)
     if args.json:
-        print(json.dumps({"step": resolved.step, "meta": meta, "config": config, "tree": {
+        print(json.dumps({"step": resolved.step, "meta": meta.to_json(), "config": config, "tree": {
             k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in leaves.items()}}, indent=2))
         return 0
-    print(f"{resolved.origin}: step {resolved.step}, model {meta.get('model')!r}, "
-          f"format version {meta.get('format_version')}")
+    print(f"{resolved.origin}: step {resolved.step}, model {meta.model!r}, "
+          f"format version {FORMAT_VERSION}")  # read_meta upgraded it to the current format
     total = 0
     for name, leaf in leaves.items():
         size = int(np.prod(leaf.shape))
@@ -154,6 +156,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+PATH_ARGUMENTS = ("workdir", "source", "a", "b", "output")  # made absolute before any command sees them
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m trainkit.ckpt", description=__doc__.splitlines()[0])
     parser.add_argument("--hf_token", default=None, help="token for hf:// sources (default: $HF_TOKEN)")
@@ -187,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.set_verbosity(logging.ERROR)  # Orbax warns about optional metadata files on every read
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in PATH_ARGUMENTS:
+        if getattr(args, name, None) is not None:
+            setattr(args, name, absolute_path(getattr(args, name)))
     return args.fn(args)
 
 

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from trainkit.errors import TrainkitError
+from trainkit.export.formats import FORMATS  # import-light: no JAX, no torch
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -110,14 +111,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise TrainkitError(f"checkpoint.{key}={ck[key]} must be >= 0")
     if ck.keep_last < 1:
         raise TrainkitError("checkpoint.keep_last must be >= 1 (the latest checkpoint is always kept)")
-    unknown = set(config.export.formats) - {"pt", "stablehlo", "safetensors"}
+    unknown = set(config.export.formats) - set(FORMATS)
     if unknown:
         raise TrainkitError(
-            f"export.formats has {sorted(unknown)}; use any of 'pt', 'stablehlo', 'safetensors'"
+            f"export.formats has {sorted(unknown)}; use any of {', '.join(map(repr, FORMATS))}"
         )
-    if "pt" in config.export.formats:
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
-            raise TrainkitError("export.formats asks for 'pt' but PyTorch is not installed: "
-                                "pip install 'trainkit[torch]', or drop 'pt' from --config.export.formats")
+    for name in config.export.formats:
+        needs = FORMATS[name].needs
+        if needs is not None and not needs.installed():
+            raise TrainkitError(f"export.formats asks for {name!r} but {needs.name} is not installed: "
+                                f"pip install 'trainkit[{needs.extra}]', or drop {name!r} from --config.export.formats")

@@ -1,6 +1,6 @@
 """Start N local trainkit processes as one multi-process run (tests, CPU experiments, single-node multi-GPU).
 
-    python -m trainkit.launch -n 2 --devices_per_process 4 -- --config=configs/default.py --workdir=/tmp/run
+    python -m trainkit.launch -n 2 --devices_per_process 4 -- --config=configs/default.py --workdir=runs/mh
 
 Each process gets `--coordinator_address=127.0.0.1:<free port> --num_processes=N --process_id=I` after the
 given arguments; its output lines come out prefixed with `[I] `. SIGTERM/SIGINT to the launcher are forwarded
@@ -24,7 +24,10 @@ import time
 from types import FrameType
 from typing import IO, Sequence
 
+from trainkit.paths import absolute_flags
+
 DEFAULT_GRACE_S = 30.0
+PATH_FLAGS = ("--config", "--workdir", "--resume_from", "--init_from")  # trainkit.main's path flags
 _RESERVED = ("--coordinator_address", "--num_processes", "--process_id")
 
 
@@ -169,7 +172,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="python -m trainkit.launch",
         description="Run N local trainkit processes as one multi-process run.",
         epilog="example: python -m trainkit.launch -n 2 --devices_per_process 4 -- "
-               "--config=configs/default.py --workdir=/tmp/run",
+               "--config=configs/default.py --workdir=runs/mh",
     )
     parser.add_argument("-n", "--num_processes", type=int, required=True, help="number of processes")
     parser.add_argument("--devices_per_process", type=int, default=None,
@@ -198,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trainkit: error: {problem}", file=sys.stderr, flush=True)
         return 2
     address = f"127.0.0.1:{options.port or free_port()}"
+    rest = absolute_flags(rest, PATH_FLAGS)
     commands = [[sys.executable, "-m", options.module, *rest, f"--coordinator_address={address}",
                  f"--num_processes={n}", f"--process_id={i}"] for i in range(n)]
     envs = [child_env(i, options.devices_per_process, options.gpus_per_process) for i in range(n)]

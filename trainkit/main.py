@@ -101,8 +101,8 @@ def main(argv: list[str]) -> None:
         # A failed background save is logged by Orbax with tracebacks, then re-raised to trainkit, which reports
         # it in one line (a full disk) or with its traceback (a bug). --verbosity=0 shows Orbax's logs again.
         logging.get_absl_logger().addFilter(lambda record: "/orbax/" not in record.pathname.replace(os.sep, "/"))
-    if FLAGS.config is None or FLAGS.workdir is None:
-        fail("--config and --workdir are required, e.g. --config=configs/default.py --workdir=/tmp/run")
+    if FLAGS.config is None or not FLAGS.workdir:
+        fail("--config and --workdir are required, e.g. --config=configs/default.py --workdir=runs/digits")
     config = load_config()
     from trainkit import distributed
 

@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from etils import epath
 
-from trainkit.aliases import is_local, write_atomically
+from trainkit.aliases import write_atomically
+from trainkit.paths import is_local
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 20

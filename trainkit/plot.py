@@ -6,7 +6,7 @@ metric's subplot, and resumes as dotted vertical lines. Everything comes from `W
 `{"event": "resume"}` lines), `W/train_config.json` (`checkpoint.best_metric`) and the `W/checkpoints/best` alias.
 
     from trainkit.plot import plot_runs
-    fig = plot_runs(["/tmp/a", "/tmp/b"], "curves.png", labels=["scratch", "fine-tuned"])
+    fig = plot_runs(["runs/a", "runs/b"], "curves.png", labels=["scratch", "fine-tuned"])
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from etils import epath
 
 from trainkit.errors import ArgumentParser, TrainkitError, exits_cleanly
+from trainkit.paths import absolute_path, is_local
 from trainkit.metrics import METRICS_FILE, read_metrics
 
 SPLITS = ("train", "eval")
@@ -49,7 +50,6 @@ class RunCurves:
 
 def read_run(workdir: str | Path, label: str | None = None) -> RunCurves:
     """Read a workdir's curves (local or gs://); raise TrainkitError if it has no metrics.jsonl."""
-    from trainkit.aliases import is_local
     from trainkit.workdir import display_name
 
     workdir = Path(workdir) if is_local(workdir) else epath.Path(workdir)
@@ -113,7 +113,8 @@ def plot_runs(workdirs: Sequence[str | Path], out: str | Path | None = None, *,
         raise TrainkitError("no workdir given; pass one or more training workdirs")
     if labels is not None and len(labels) != len(workdirs):
         raise TrainkitError(f"{len(labels)} labels for {len(workdirs)} workdirs; give one label per workdir")
-    out_path = _check_output(Path(out)) if out is not None else None
+    out_path = _check_output(Path(absolute_path(out))) if out is not None else None
+    workdirs = [absolute_path(w) for w in workdirs]
     runs = [read_run(w, labels[i] if labels else None) for i, w in enumerate(workdirs)]
     names = families(runs, metrics)
     if not names:
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    fig = plot_runs(args.workdirs, args.output, labels=args.label, metrics=metrics, logy=args.logy)
+    workdirs = [absolute_path(w) for w in args.workdirs]
+    fig = plot_runs(workdirs, absolute_path(args.output), labels=args.label, metrics=metrics, logy=args.logy)
     panels = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     print(f"wrote {args.output}: {', '.join(panels)} of {len(args.workdirs)} run(s)")
     return 0

@@ -6,6 +6,7 @@ One place decides, checks that the checkpoint fits the config, and says what cha
 from __future__ import annotations
 
 import dataclasses
+import enum
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,18 +15,33 @@ import ml_collections
 import numpy as np
 
 from trainkit import config as config_lib
+from trainkit.checkpoint_meta import CheckpointMeta
 from trainkit.checkpointing import CheckpointManager, Restored, read_state_arrays, read_step_config, restore_step
 from trainkit.errors import TrainkitError
 from trainkit.sharding import path_name
+
+
+class Origin(enum.StrEnum):
+    """Where the starting state came from (a StrEnum, so messages print the plain value: `start: workdir`)."""
+
+    SCRATCH = "scratch"
+    WORKDIR = "workdir"  # the latest good step of this workdir
+    RESUME_FROM = "resume_from"
+    INIT_FROM = "init_from"  # params only
 
 
 @dataclasses.dataclass(frozen=True)
 class Start:
     state: Any
     data_state: dict[str, Any] | None
-    meta: dict[str, Any]
-    origin: str  # "scratch" | "workdir" | "resume_from" | "init_from"
+    meta: CheckpointMeta | None  # of the restored step; None when no step was restored (scratch, init_from)
+    origin: Origin
     source: str | None = None
+
+    @property
+    def resumed(self) -> bool:
+        """The whole training state was restored (step, optimizer, data position), not just params."""
+        return self.origin in (Origin.WORKDIR, Origin.RESUME_FROM)
 
 
 def check_compatible(step_dir: Path, config: ml_collections.ConfigDict, *, for_init: bool = False) -> None:
@@ -89,7 +105,7 @@ def find_start(
     hf_token: str | None = None,
 ) -> Start:
     """Decide and restore the starting state. The resolved SOURCE is read through trainkit.sources."""
-    def restored_start(step_dir: Path, origin: str, source: str | None) -> Start:
+    def restored_start(step_dir: Path, origin: Origin, source: str | None) -> Start:
         check_compatible(step_dir, config)
         r: Restored = restore_step(step_dir, abstract_state)
         return Start(r.state, r.data_state, r.meta, origin, source)
@@ -98,15 +114,15 @@ def find_start(
         from trainkit.sources import resolve_source
     if resume_from:
         resolved = resolve_source(resume_from, hf_token=hf_token)
-        return restored_start(resolved.step_dir, "resume_from", resolved.origin)
+        return restored_start(resolved.step_dir, Origin.RESUME_FROM, resolved.origin)
     step = checkpoints.latest_good_step()
     if step is not None:
-        return restored_start(checkpoints.step_dir(step), "workdir", str(checkpoints.step_dir(step)))
+        return restored_start(checkpoints.step_dir(step), Origin.WORKDIR, str(checkpoints.step_dir(step)))
     state = init_state()
     if init_from:
         resolved = resolve_source(init_from, hf_token=hf_token)
         check_compatible(resolved.step_dir, config, for_init=True)
         params = merge_params(state.params, read_state_arrays(resolved.step_dir)["params"], partial=partial,
                               origin=resolved.origin)
-        return Start(state.replace(params=params), None, {}, "init_from", resolved.origin)
-    return Start(state, None, {}, "scratch")
+        return Start(state.replace(params=params), None, None, Origin.INIT_FROM, resolved.origin)
+    return Start(state, None, None, Origin.SCRATCH)

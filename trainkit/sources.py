@@ -41,6 +41,7 @@ from trainkit.aliases import (
 from trainkit.errors import TrainkitError
 from trainkit.manifest import MANIFEST_NAME, list_files, verify_manifest
 from trainkit.packing import read_pack_info, unpack
+from trainkit.paths import absolute_path
 
 _TMP_DIR_MARK = ".orbax-checkpoint-tmp"
 _STEP_FILES = ("_CHECKPOINT_METADATA", MANIFEST_NAME)
@@ -77,7 +78,7 @@ def resolve_source(source: str, *, hf_token: str | None = None, cache_dir: str |
     `hf_token` (else `$HF_TOKEN`) is used only for hf:// and is never written anywhere. With `verify`, a damaged
     step (it fails its manifest) is refused; `python -m trainkit.ckpt verify` passes False to list the damage.
     """
-    source = os.fspath(source).strip()
+    source = absolute_path(os.fspath(source).strip())
     if not source:
         raise TrainkitError("the checkpoint SOURCE is empty; pass a workdir, step dir, model.ckpt file or URL")
     cache = (pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()).absolute()

@@ -21,18 +21,20 @@ from etils import epath
 
 from trainkit import config as config_lib
 from trainkit import distributed, sharding
+from trainkit.checkpoint_meta import CheckpointMeta
 from trainkit.checkpointing import CheckpointManager
 from trainkit.data import load_dataset
 from trainkit.errors import TrainkitError
 from trainkit.data.pipeline import TrainBatches, eval_batches
 from trainkit.metrics import MetricsWriter
 from trainkit.models import Task, build_task
+from trainkit.paths import absolute_optional, absolute_path
 from trainkit.preemption import StopRequests
 from trainkit.progress import Progress
 from trainkit.resume import find_start
 from trainkit.aliases import list_steps
 from trainkit.train_state import TrainState, make_optimizer
-from trainkit.wandb_logger import META_KEY, start_wandb
+from trainkit.wandb_logger import start_wandb
 from trainkit.workdir import WorkdirLock, prepare
 
 BLOCK_EVERY = 10  # wait for a result at least this often: fake CPU devices deadlock on deep queues
@@ -66,7 +68,9 @@ def itstime(step: int, every: int, last: int | None = None) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        options: RunOptions = RunOptions()) -> TrainResult:
     config_lib.validate(config)
-    workdir = prepare(workdir)
+    workdir = prepare(absolute_path(workdir))
+    options = dataclasses.replace(options, resume_from=absolute_optional(options.resume_from),
+                                  init_from=absolute_optional(options.init_from))
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     try:
         return _run(config, workdir, options)
@@ -100,7 +104,7 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, options: RunOpt
     state = start.state
     step = int(jax.device_get(state.step))
     _write_config(workdir, config)
-    if step >= config.num_steps and start.origin in ("workdir", "resume_from"):
+    if step >= config.num_steps and start.resumed:
         print(f"trainkit: already trained to step {step} (num_steps={config.num_steps}); nothing to do. "
               "Raise --config.num_steps to train further.", flush=True)
         if checkpoints.step_dir(step).is_dir():  # not when --resume_from named a finished step of another workdir
@@ -126,17 +130,15 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, options: RunOpt
     eval_step = jax.jit(_make_eval_step(task), out_shardings=sharding.replicated(mesh))
 
     wandb_run = start_wandb(config, workdir, start, step, fresh=options.fresh)  # reads metrics.jsonl: first
-    writer = MetricsWriter(workdir, step, resumed=start.origin in ("workdir", "resume_from"), wandb_run=wandb_run)
+    writer = MetricsWriter(workdir, step, resumed=start.resumed, wandb_run=wandb_run)
     progress = Progress(config.progress, step, config.num_steps)
     stops = StopRequests(config.walltime).install()
-    best = start.meta.get("best") or {}
-    meta = {"model": task.name, "best": best}
-    if wandb_run is not None:
-        meta[META_KEY] = wandb_run.id
+    meta = CheckpointMeta(model=task.name, step=step, best=start.meta.best if start.meta is not None else None,
+                          wandb_run_id=wandb_run.id if wandb_run is not None else None)
     pending: list[dict[str, jax.Array]] = []
     last_metrics: dict[str, float] = {}
     stopped_by = None
-    saved_step = step if start.origin in ("workdir", "resume_from") else None
+    saved_step = step if start.resumed else None
     t_log, step_at_log = time.perf_counter(), step
     try:
         while step < config.num_steps:
@@ -163,11 +165,10 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, options: RunOpt
                 last_metrics.update(eval_metrics)
             if itstime(step, config.log_every, config.num_steps) or eval_metrics is not None:
                 progress.update(step, last_metrics)
-            new_best = eval_metrics is not None and _improves(best, eval_metrics, config.checkpoint)
-            if new_best:
-                best = {"step": step, "value": eval_metrics[config.checkpoint.best_metric]}
-                meta["best"] = best
-            if itstime(step, config.checkpoint.every, config.num_steps) or new_best:
+            new_best = checkpoints.improved_best(meta.best, step, eval_metrics)
+            if new_best is not None:
+                meta = dataclasses.replace(meta, best=new_best)
+            if itstime(step, config.checkpoint.every, config.num_steps) or new_best is not None:
                 checkpoints.save(step, state, batches.get_state(), meta, eval_metrics)
                 writer.sync()  # a gs:// workdir's metrics reach the bucket with each checkpoint
                 saved_step = step
@@ -225,15 +226,6 @@ def _make_eval_step(task: Task):
 def _mean(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
     host = jax.device_get(metrics)
     return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-
-
-def _improves(best: dict[str, Any], metrics: dict[str, float], ck: ml_collections.ConfigDict) -> bool:
-    if not ck.keep_best or ck.best_metric not in metrics:
-        return False
-    value = metrics[ck.best_metric]
-    if "value" not in best:
-        return True
-    return value < best["value"] if ck.best_mode == "min" else value > best["value"]
 
 
 def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:

@@ -35,11 +35,10 @@ from etils import epath
 from trainkit import config as config_lib
 from trainkit.errors import TrainkitError
 from trainkit.metrics import read_metrics
-from trainkit.resume import Start
+from trainkit.resume import Origin, Start
 from trainkit.workdir import display_name, staging_dir
 
 RUN_ID_FILE = "wandb_run_id"
-META_KEY = "wandb_run_id"  # in the `meta` item saved with every checkpoint step
 MODES = ("online", "offline", "disabled", "shared")
 
 
@@ -109,10 +108,10 @@ def read_run_id(workdir: epath.PathLike) -> str | None:
 def _choose_run(workdir: epath.Path, start: Start, step: int, fresh: bool) -> str:
     """The W&B run id to log to, by the rules in the module docstring."""
     here = None if fresh else read_run_id(workdir)
-    restored = start.meta.get(META_KEY) if start.origin in ("workdir", "resume_from") else None
+    restored = start.meta.wandb_run_id if start.meta is not None else None  # None unless resumed
     if os.environ.get("WANDB_RUN_ID"):
         run_id = os.environ["WANDB_RUN_ID"]
-    elif restored and start.origin == "resume_from" and _last_step(_source_workdir(start.source)) > step:
+    elif restored and start.origin is Origin.RESUME_FROM and _last_step(_source_workdir(start.source)) > step:
         run_id = new_run_id()
         print(f"trainkit: W&B run {restored} already has steps after {step}; logging this branch as the new "
               f"W&B run {run_id}", flush=True)

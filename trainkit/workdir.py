@@ -22,7 +22,7 @@ from pathlib import Path
 
 from etils import epath
 
-from trainkit.aliases import is_local
+from trainkit.paths import is_local
 from trainkit.errors import TrainkitError
 
 LOCK_FILE = ".trainkit.lock"

@@ -12,12 +12,15 @@ import sys
 from typing import Sequence
 
 from trainkit.errors import ArgumentParser, exits_cleanly
+from trainkit.export.formats import FORMATS
+from trainkit.paths import absolute_path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m trainkit.export", description=__doc__.splitlines()[0])
     parser.add_argument("source", help="workdir, step dir, alias, model.ckpt, https:// URL, hf://, gs://")
-    parser.add_argument("-o", "--output", required=True, help="model.pt | model.stablehlo | model.safetensors")
+    parser.add_argument("-o", "--output", required=True, help="the suffix picks the format: " + ", ".join(
+        f"model{f.suffix} ({f.description})" for f in FORMATS.values()))
     parser.add_argument("--hf_token", default=None, help="Hugging Face token (default: $HF_TOKEN); never stored")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="max relative parity error (float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -32,8 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.set_verbosity(logging.ERROR)
     from trainkit.export.checkpoint import export_checkpoint
 
-    export_checkpoint(args.source, args.output, hf_token=args.hf_token, tolerance=args.tolerance,
-                      overwrite=args.overwrite)
+    export_checkpoint(absolute_path(args.source), absolute_path(args.output), hf_token=args.hf_token,
+                      tolerance=args.tolerance, overwrite=args.overwrite)
     return 0
 
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
+
+from trainkit.export.formats import ArtifactSpec, Report
+
+if TYPE_CHECKING:
+    from trainkit.models import Task
 
 
 def flat_names(tree: Any, prefix: str = "params") -> dict[str, np.ndarray]:
@@ -23,13 +28,14 @@ def flat_names(tree: Any, prefix: str = "params") -> dict[str, np.ndarray]:
     return out
 
 
-def write_safetensors(params: Any, path: Path, sidecar: Mapping[str, Any]) -> dict[str, float]:
-    """Write the full, unsharded arrays with the sidecar in the metadata; returns the read-back parity."""
+def write_safetensors(task: Task, params: Any, path: Path, spec: ArtifactSpec) -> Report:
+    """The `safetensors` row of `FORMATS`: the full, unsharded arrays with the sidecar so far in the metadata.
+    Weights run nothing, so the one check is the file read back against `params`."""
     from safetensors.numpy import load_file, save_file
 
     tensors = flat_names(params)
-    save_file(tensors, str(path), metadata={"trainkit": json.dumps(sidecar)})
+    save_file(tensors, str(path), metadata={"trainkit": json.dumps(spec.metadata)})
     loaded = load_file(str(path))
     worst = max((float(np.max(np.abs(loaded[k].astype(np.float64) - v.astype(np.float64)), initial=0.0))
                  for k, v in tensors.items()), default=0.0)
-    return {"max_abs": worst, "max_rel": worst, "tensors": len(tensors)}
+    return Report(max_abs=worst, max_rel=worst, tensors=len(tensors))

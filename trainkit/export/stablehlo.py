@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from trainkit.models import InputSpec
+from trainkit.export.formats import ArtifactSpec, Report
+from trainkit.export.parity import measure
+from trainkit.models import InputSpec, Task
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 
@@ -37,3 +40,16 @@ def export_stablehlo(fn: Callable[..., Any], inputs: Sequence[InputSpec], path: 
 
 def load_stablehlo(path: Path) -> jax.export.Exported:
     return jax.export.deserialize(bytearray(Path(path).read_bytes()))
+
+
+def write_stablehlo(task: Task, params: Any, path: Path, spec: ArtifactSpec) -> Report:
+    """The `stablehlo` row of `FORMATS`: serialize `task.predict` with `params`, then check the file read back."""
+    export_stablehlo(lambda *a: task.predict(params, *a), task.inputs, path)
+    exported = load_stablehlo(path)  # check what was written, not what is in memory
+    out = exported.call(*spec.args)
+    got = out[0] if isinstance(out, (tuple, list)) else out
+    forces = None
+    if spec.ref_forces is not None:
+        grad = jax.grad(lambda x: jnp.sum(exported.call(x, *spec.args[1:])))(spec.args[0])
+        forces = -np.asarray(grad)
+    return measure(spec, np.asarray(got), forces)

@@ -1,10 +1,14 @@
-"""Jaxpr → TorchScript source text: names values, inlines sub-jaxprs, emits control flow and custom_jvp.
+"""Jaxpr → TorchScript source text: the `Emitter`, which names values and walks (nested) jaxprs, and the code-text
+helpers that rules and fusions share.
 
-`Emitter.run_jaxpr` walks a jaxpr and appends Python lines (TorchScript subset) to `Emitter.lines`; the
-per-primitive translations live in `torch_ops*` (registered in `torch_ops.RULES`), control flow in
-`torch_control_flow`, native-op fusion in `torch_fusion`. Values are either a code string naming a tensor (a
-local variable or `self.<buffer>`) or a `core.Literal` (kept as a Python scalar where the torch op accepts one,
-so no tensor is created per call).
+`Emitter.run_jaxpr` walks a jaxpr and appends Python lines (TorchScript subset) to `Emitter.lines`. What a primitive
+becomes is not known here: every equation goes through the one table passed in (`registry.RULES`: elementwise ops,
+contractions, call primitives and control flow alike), and the fusion planner passed in (`registry.plan_fusions`)
+picks the chains that become one native op. Values are either a code string naming a tensor (a local variable or
+`self.<buffer>`) or a `core.Literal` (kept as a Python scalar where the torch op accepts one, so no tensor is
+created per call).
+
+The bottom layer of the package: it imports nothing from it, so every rule and fusion can import it.
 """
 
 from __future__ import annotations
@@ -12,30 +16,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from jax._src import core, source_info_util
 
 from trainkit.errors import TrainkitError
-from trainkit.export import torch_control_flow, torch_fusion
 
 Value = Any  # str (tensor code) | core.Literal
-Rule = Callable[["Emitter", core.JaxprEqn, list], list]
-
-# Primitives whose only job is to call a sub-jaxpr; they are inlined.
-CALL_PRIMITIVES = {"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_lin",
-                   "custom_vjp_call", "custom_vjp_call_jaxpr"}
-# custom_jvp functions from JAX itself whose torch-native op has the same value and the same gradient.
-NATIVE_CUSTOM_JVP = {
-    "relu": lambda x: f"torch.relu({x[0]})",
-    "relu6": lambda x: f"torch.nn.functional.hardtanh({x[0]}, 0.0, 6.0)",
-    "logaddexp": lambda x: f"torch.logaddexp({x[0]}, {x[1]})",
-}
-STRUCTURAL = CALL_PRIMITIVES | {"custom_jvp_call", "cond", "while", "scan"}  # translated here, not by rules
-_MAX_JVP_NESTING = 4
+Rule = Callable[["Emitter", core.JaxprEqn, list], list]  # (emitter, equation, input values) -> value per output
+Emit = Callable[["Emitter", list[str]], str]  # (emitter, tensor codes of a chain's inputs) -> expression of its output
 
 TORCH_DTYPES = {
     "float32": "torch.float32", "float64": "torch.float64", "float16": "torch.float16",
@@ -48,16 +40,49 @@ class Unsupported(Exception):
     """Raised by a translation rule for a primitive/parameter combination it cannot express."""
 
 
+@dataclass(frozen=True)
+class Fusion:
+    """A chain of equations that the emitter replaces by one expression (planned by the fusion matchers)."""
+
+    inputs: tuple[core.Var, ...]
+    covered: frozenset[int]  # equation indices replaced by the fused op (the root included)
+    emit: Emit
+
+
+Planner = Callable[[core.Jaxpr], dict[int, Fusion]]  # fusions of a jaxpr, keyed by the index of their root equation
+
+
+def rule_table(*parts: Mapping[str, Rule]) -> dict[str, Rule]:
+    """One table from several: a primitive named twice is an error, so each has exactly one translation."""
+    table: dict[str, Rule] = {}
+    for part in parts:
+        for name, rule in part.items():
+            if name in table:
+                raise ValueError(f"primitive '{name}' has two translation rules: {_qualname(table[name])} and "
+                                 f"{_qualname(rule)}; keep one")
+            table[name] = rule
+    return table
+
+
+def _qualname(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
 def is_float(aval: Any) -> bool:
     return np.issubdtype(aval.dtype, np.inexact)
 
 
 class Emitter:
-    """Accumulates the body of one TorchScript method; `rules` maps primitive names to translations."""
+    """Accumulates the body of one TorchScript method.
 
-    def __init__(self, rules: dict[str, Rule], device: str = "_dev", fuse: bool = True):
+    rules: primitive name -> translation, for every primitive (structural ones included); `registry.RULES`.
+    plan: the chains of a jaxpr to emit as one native torch op (gelu, softmax, ...); `registry.plan_fusions`, or
+      None to translate equation by equation.
+    """
+
+    def __init__(self, rules: Mapping[str, Rule], plan: Planner | None = None, device: str = "_dev"):
         self.rules = rules
-        self.fuse = fuse  # map jax.nn chains (gelu, softmax, ...) to native torch ops
+        self.plan = plan
         self.device = device
         self.lines: list[str] = []
         self.buffers: dict[str, np.ndarray] = {}
@@ -70,8 +95,9 @@ class Emitter:
         self._no_grad: set[str] = set()  # values known never to require grad (buffers, detached, integers)
         self._where: list[str] = []
         self._outer: list[core.JaxprEqn] = []  # equations being translated, innermost last
-        self._jvp_nesting = 0
-        self._jvp_cache: dict[int, tuple] = {}
+        # State of the custom_jvp rule (rules/calls.py): it lives as long as one export, as this emitter does.
+        self.jvp_nesting = 0  # JVP branches enclosing the equation being translated
+        self.jvp_cache: dict[int, tuple] = {}  # id(custom_jvp_call equation) -> (JVP jaxpr, consts, zero tangents)
 
     # ---- text -------------------------------------------------------------------------------------------
     def fresh(self, prefix: str = "t") -> str:
@@ -165,7 +191,7 @@ class Emitter:
 
         env.update(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
-        fusions = torch_fusion.plan(jaxpr) if self.fuse else {}
+        fusions = self.plan(jaxpr) if self.plan is not None else {}
         fused = {i for f in fusions.values() for i in f.covered}
         for i, eqn in enumerate(jaxpr.eqns):
             if i in fusions:
@@ -179,20 +205,13 @@ class Emitter:
         return [read(v) for v in jaxpr.outvars]
 
     def eqn(self, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
+        """Translate one equation by its rule in the table (the only path); outputs are bound to locals."""
         name = eqn.primitive.name
         self._outer.append(eqn)
         try:
-            if name in CALL_PRIMITIVES:
-                outs = self._call(eqn, ins)
-            elif name == "custom_jvp_call":
-                outs = self._custom_jvp(eqn, ins)
-            elif name in torch_control_flow.EMITTERS:
-                outs = torch_control_flow.EMITTERS[name](self, eqn, ins)
-            elif name in self.rules:
-                outs = [o if isinstance(o, core.Literal) else self.assign(o)
-                        for o in self.rules[name](self, eqn, ins)]
-            else:
+            if name not in self.rules:
                 raise Unsupported("is not supported")
+            outs = [o if isinstance(o, core.Literal) else self.assign(o) for o in self.rules[name](self, eqn, ins)]
         except Unsupported as e:
             raise TrainkitError(self._describe(eqn, str(e))) from None
         finally:
@@ -218,7 +237,7 @@ class Emitter:
     def _find_missing(self, jaxpr: core.Jaxpr, chain: tuple, missing: dict) -> None:
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
-            if name not in self.rules and name not in STRUCTURAL and name not in missing:
+            if name not in self.rules and name not in missing:
                 missing[name] = (eqn, chain)
             for sub in core.jaxprs_in_params(eqn.params):
                 self._find_missing(sub, chain + (eqn,), missing)
@@ -248,69 +267,6 @@ class Emitter:
         """Values as tensors: loop carries and branch results must be tensors in every path."""
         return [self.t(o) for o in outs]
 
-    def _call(self, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
-        params = eqn.params
-        sub = params.get("jaxpr", params.get("call_jaxpr", params.get("fun_jaxpr")))
-        label = params.get("name", getattr(getattr(sub, "jaxpr", sub).debug_info, "func_name", ""))
-        if eqn.primitive.name.startswith("custom_vjp"):
-            warnings.warn(f"custom_vjp function '{label}' is exported as its primal computation: torch autograd "
-                          "differentiates the primal, not the custom backward rule", stacklevel=2)
-        with self.inside(f"{eqn.primitive.name} '{label}'"):
-            return self.run_closed(sub, ins)
-
-    # ---- custom_jvp: value from the primal, gradient from the custom JVP rule ---------------------------
-    def _custom_jvp(self, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
-        call = eqn.params["call_jaxpr"]
-        jvp_fun = eqn.params["jvp_jaxpr_fun"]
-        label = call.jaxpr.debug_info.func_name
-        from_jax = "jax/_src/" in str(getattr(jvp_fun.debug_info, "func_src_info", ""))
-        nconsts = eqn.params["num_consts"]
-        primals = ins[nconsts:]
-        with self.inside(f"custom_jvp_call '{label}'"):
-            if from_jax and label in NATIVE_CUSTOM_JVP and len(eqn.outvars) == 1:
-                return [self.assign(NATIVE_CUSTOM_JVP[label]([self.t(x) for x in primals]))]
-            diff = [i for i, v in enumerate(eqn.invars[nconsts:]) if is_float(v.aval)]
-            live = [primals[i] for i in diff if self.needs_grad(primals[i])]
-            if not live or self._jvp_nesting >= _MAX_JVP_NESTING:
-                return self.run_closed(call, ins)
-            results = [self.fresh("r") for _ in eqn.outvars]
-            with self.block(f"if {' or '.join(f'{x}.requires_grad' for x in live)}:"):
-                self._emit_jvp_branch(eqn, jvp_fun, primals, diff, results)
-            with self.block("else:"):
-                outs = self.materialize(self.run_closed(call, ins))
-                self.emit(f"{', '.join(results)}, = ({', '.join(outs)},)")
-            return list(results)
-
-    def _emit_jvp_branch(self, eqn: core.JaxprEqn, jvp_fun: Any, primals: list[Value], diff: list[int],
-                         results: list[str]) -> None:
-        """out = primal(x̄) + (T - T.detach()) with T = JVP(x̄, x - x̄): value of the primal, gradient Jᵀ·g."""
-        key = id(eqn)
-        if key not in self._jvp_cache:
-            zeros = [i not in diff for i in range(len(primals))]
-            self._jvp_cache[key] = jvp_fun.call_wrapped(*zeros)
-        jvp_jaxpr, jvp_consts, out_zeros = self._jvp_cache[key]
-        detached, tangents = list(primals), []
-        for i in diff:
-            x = self.t(primals[i])
-            detached[i] = self.assign(f"{x}.detach()")
-            self.mark_no_grad(detached[i])
-            tangents.append(self.assign(f"{x} - {detached[i]}"))
-        self._jvp_nesting += 1
-        try:
-            outs = self.run_jaxpr(jvp_jaxpr, [self.const(c) for c in jvp_consts], detached + tangents)
-        finally:
-            self._jvp_nesting -= 1
-        primal_outs, tangent_outs = outs[:len(out_zeros)], iter(outs[len(out_zeros):])
-        final = []
-        for p, zero, v in zip(primal_outs, out_zeros, eqn.outvars):
-            p = self.t(p)
-            if zero or not is_float(v.aval):
-                final.append(p)
-                continue
-            tan = self.t(next(tangent_outs))
-            final.append(f"{p} + torch.nan_to_num({tan} - {tan}.detach(), 0.0, 0.0, 0.0)")
-        self.emit(f"{', '.join(results)}, = ({', '.join(final)},)")
-
 
 def _label(eqn: core.JaxprEqn) -> str:
     sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
@@ -318,6 +274,7 @@ def _label(eqn: core.JaxprEqn) -> str:
     return f"{eqn.primitive.name} '{name}'" if name else eqn.primitive.name
 
 
+# ---- code text shared by rules and fusions ----------------------------------------------------------------
 def py_scalar(value: Any) -> str:
     """A scalar as Python source (`float("inf")`, `(-1.0)`, `True`, `3`)."""
     val = np.asarray(value)
@@ -353,3 +310,28 @@ def _dim_code(d: Any, dim_vars: dict[str, str]) -> str:
         body = " * ".join(factors) if factors else "1"
         terms.append(body if coeff == 1 else (str(coeff) if not factors else f"{coeff} * {body}"))
     return "(" + " + ".join(terms) + ")" if len(terms) > 1 else terms[0]
+
+
+def int_list(axes: Any) -> str:
+    """Integers as a Python list literal (`[0, 2]`)."""
+    return "[" + ", ".join(str(int(a)) for a in axes) + "]"
+
+
+def torch_pad(pairs: list[tuple[str, str]]) -> str:
+    """Per-dim (low, high) padding codes as the argument of `torch.constant_pad_nd` (last dim first)."""
+    return "[" + ", ".join(f"{lo}, {hi}" for lo, hi in reversed(pairs)) + "]"
+
+
+def same_dim(a: Any, b: Any) -> bool:
+    """Two dimensions known to be equal (symbolic ones that may differ are not)."""
+    try:
+        return bool(a == b)
+    except core.InconclusiveDimensionOperation:
+        return False
+
+
+def placed(vec: str, axis: int, rank: int) -> str:
+    """A 1-d tensor as axis `axis` of a rank-`rank` tensor (a view; `[None, :]` would record slices)."""
+    if rank == 1:
+        return vec
+    return f"{vec}.reshape([{', '.join('-1' if a == axis else '1' for a in range(rank))}])"

@@ -14,8 +14,9 @@ from typing import Any
 
 from jax._src import core
 
-from trainkit.export.torch_fusion import Graph, literal_is, match_first, softmax_of, with_literal
-from trainkit.export.torch_ops import int_list, same_dim
+from trainkit.export.torchscript.emitter import int_list, same_dim
+from trainkit.export.torchscript.fusion.graph import Graph, literal_is, with_literal
+from trainkit.export.torchscript.fusion.native import softmax_of
 
 
 def _scaled(g: Graph, v: object) -> tuple[object, float, list] | None:
@@ -96,8 +97,8 @@ def _free(ndim: int, *used: tuple) -> int | None:
     return rest[0] if len(rest) == 1 else None
 
 
-@match_first("dot_general")
-def attention(g: Graph, root: core.JaxprEqn) -> tuple | None:
+def match_attention(g: Graph, root: core.JaxprEqn) -> tuple | None:
+    """`root` = the dot_general of softmax(scores) with v → one `scaled_dot_product_attention`."""
     (lc, rc), (lb, rb) = root.params["dimension_numbers"]
     for side in (0, 1):
         weights, v = root.invars[side], root.invars[1 - side]

@@ -1,28 +1,17 @@
-"""Primitive → torch code for elementwise, reduction, shape and contraction primitives.
+"""Primitive → torch code for elementwise primitives: unary functions, arithmetic and comparisons, select, clamp
+and dtype conversions.
 
 Each rule is `rule(g: Emitter, eqn, ins) -> [expression per output]`; `g.t(x)` gives a tensor, `g.s(x)` a
 Python scalar where the torch op takes one. Translations keep JAX's gradient where torch's differs (clamp at
-the bounds); `max`/`min`/`abs`/`sqrt`/reductions already agree (ties split evenly, sign(0) = 0, ...).
+the bounds); `max`/`min`/`abs`/`sqrt` already agree (ties split evenly, sign(0) = 0, ...).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from jax._src import core
 
-from trainkit.export.torch_codegen import Emitter, Rule, Unsupported, is_float
-
-RULES: dict[str, Rule] = {}
-
-
-def rule(*names: str):
-    def register(fn: Rule) -> Rule:
-        for n in names:
-            RULES[n] = fn
-        return fn
-    return register
+from trainkit.export.torchscript.emitter import Emitter, Rule, Unsupported, is_float, rule_table
 
 
 def _unary(template: str) -> Rule:
@@ -43,20 +32,20 @@ UNARY = {
     "square": "{0} * {0}", "stop_gradient": "{}.detach()", "real": "{}",
     "cbrt": "torch.sign({0}) * torch.pow(torch.abs({0}), 1.0 / 3.0)",
 }
-for _name, _template in UNARY.items():
-    RULES[_name] = _unary(_template)
-for _name in ("copy", "copy_p", "device_put", "optimization_barrier", "sharding_constraint", "pvary",
-              "mesh_cast", "reshard", "name"):
-    RULES[_name] = lambda g, eqn, ins: list(ins)
+# Placement, sharding and naming: no-ops on one device.
+_PASS_THROUGH = ("copy", "copy_p", "device_put", "optimization_barrier", "sharding_constraint", "pvary",
+                 "mesh_cast", "reshard", "name")
 
 
-@rule("not")
+def _pass_through(g: Emitter, eqn, ins) -> list:
+    return list(ins)
+
+
 def _not(g: Emitter, eqn, ins) -> list[str]:
     fn = "logical_not" if eqn.invars[0].aval.dtype == np.bool_ else "bitwise_not"
     return [f"torch.{fn}({g.t(ins[0])})"]
 
 
-@rule("abs")
 def _abs(g: Emitter, eqn, ins) -> list[str]:
     x = g.t(ins[0])
     if not is_float(eqn.invars[0].aval):
@@ -65,7 +54,6 @@ def _abs(g: Emitter, eqn, ins) -> list[str]:
     return [f"torch.where({x} >= 0, {x}, -{x}) if {x}.requires_grad else torch.abs({x})"]
 
 
-@rule("round")
 def _round(g: Emitter, eqn, ins) -> list[str]:
     x = g.t(ins[0])
     if int(eqn.params["rounding_method"]) == 1:  # TO_NEAREST_EVEN, what jnp.round uses; torch does the same
@@ -73,7 +61,6 @@ def _round(g: Emitter, eqn, ins) -> list[str]:
     return [f"torch.sign({x}) * torch.floor(torch.abs({x}) + 0.5)"]
 
 
-@rule("integer_pow")
 def _integer_pow(g: Emitter, eqn, ins) -> list[str]:
     x, y = g.t(ins[0]), eqn.params["y"]
     if y == 0:
@@ -101,7 +88,6 @@ def _unfilled(g: Emitter, eqn, ins: list) -> list:
 _NEUTRAL = {"add": (0, 0), "sub": (None, 0), "mul": (1, 1)}  # (left, right) operands that change nothing
 
 
-@rule(*_OPERATORS)
 def _operator(g: Emitter, eqn, ins) -> list[str]:
     name, (a, b) = eqn.primitive.name, _unfilled(g, eqn, ins)
     left, right = _NEUTRAL.get(name, (None, None))
@@ -123,7 +109,6 @@ def _is_scalar(x: object, value: float | None) -> bool:
     return value is not None and isinstance(x, core.Literal) and np.shape(x.val) == () and float(x.val) == value
 
 
-@rule("div")
 def _div(g: Emitter, eqn, ins) -> list[str]:
     a, b = g.t(ins[0]), g.s(ins[1])
     if is_float(eqn.outvars[0].aval):
@@ -131,12 +116,10 @@ def _div(g: Emitter, eqn, ins) -> list[str]:
     return [f'torch.div({a}, {b}, rounding_mode="trunc")']  # lax.div on integers rounds toward zero
 
 
-@rule("rem")
 def _rem(g: Emitter, eqn, ins) -> list[str]:
     return [f"torch.fmod({g.t(ins[0])}, {g.s(ins[1])})"]  # C semantics: sign of the dividend, as lax.rem
 
 
-@rule("pow")
 def _pow(g: Emitter, eqn, ins) -> list[str]:
     a, b = ins
     if not isinstance(a, str):
@@ -150,12 +133,10 @@ _TENSOR_BINARY = {"max": "torch.maximum", "min": "torch.minimum", "atan2": "torc
                   "shift_right_arithmetic": "torch.bitwise_right_shift"}
 
 
-@rule(*_TENSOR_BINARY)
 def _tensor_binary(g: Emitter, eqn, ins) -> list[str]:
     return [f"{_TENSOR_BINARY[eqn.primitive.name]}({g.t(ins[0])}, {g.t(ins[1])})"]
 
 
-@rule("select_n")
 def _select_n(g: Emitter, eqn, ins) -> list[str]:
     pred, cases = ins[0], ins[1:]
     if eqn.invars[0].aval.shape == eqn.outvars[0].aval.shape:
@@ -171,7 +152,6 @@ def _select_n(g: Emitter, eqn, ins) -> list[str]:
     return [expr]
 
 
-@rule("clamp")
 def _clamp(g: Emitter, eqn, ins) -> list[str]:
     lo, x, hi = g.s(ins[0]), g.t(ins[1]), g.s(ins[2])
     if not (isinstance(ins[0], str) or isinstance(ins[2], str)):
@@ -183,7 +163,6 @@ def _clamp(g: Emitter, eqn, ins) -> list[str]:
     return [f"{exact} if {x}.requires_grad else {fast}"]
 
 
-@rule("convert_element_type")
 def _convert(g: Emitter, eqn, ins) -> list[str]:
     dtype = g.dtype(eqn.params["new_dtype"])
     if not isinstance(ins[0], str):  # fold constants such as the padding value of jnp.pad
@@ -193,7 +172,6 @@ def _convert(g: Emitter, eqn, ins) -> list[str]:
     return [f"{g.t(ins[0])}.to({dtype})"]
 
 
-@rule("reduce_precision")
 def _reduce_precision(g: Emitter, eqn, ins) -> list[str]:
     bits = (eqn.params["exponent_bits"], eqn.params["mantissa_bits"])
     narrow = {(8, 7): "torch.bfloat16", (5, 10): "torch.float16"}.get(bits)
@@ -205,150 +183,24 @@ def _reduce_precision(g: Emitter, eqn, ins) -> list[str]:
     return [f"{x}.to({narrow}).to({g.dtype(eqn.invars[0].aval.dtype)})"]
 
 
-@rule("bitcast_convert_type")
 def _bitcast(g: Emitter, eqn, ins) -> list[str]:
     if np.dtype(eqn.invars[0].aval.dtype).itemsize != np.dtype(eqn.params["new_dtype"]).itemsize:
         raise Unsupported("between types of different width is not supported")
     return [f"{g.t(ins[0])}.view({g.dtype(eqn.params['new_dtype'])})"]
 
 
-@rule("dim_as_value")
 def _dim_as_value(g: Emitter, eqn, ins) -> list[str]:
     dtype = g.dtype(eqn.outvars[0].aval.dtype)
     return [f"torch.full([], {g.dim(eqn.params['dim'])}, dtype={dtype}, device={g.device})"]
 
 
-def torch_pad(pairs: list[tuple[str, str]]) -> str:
-    return "[" + ", ".join(f"{lo}, {hi}" for lo, hi in reversed(pairs)) + "]"
-
-
-# ---- reductions -------------------------------------------------------------------------------------------
-def int_list(axes: Any) -> str:
-    return "[" + ", ".join(str(int(a)) for a in axes) + "]"
-
-
-@rule("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or")
-def _reduce(g: Emitter, eqn, ins) -> list[str]:
-    x, axes, name = g.t(ins[0]), tuple(eqn.params["axes"]), eqn.primitive.name
-    if not axes:
-        return [x]
-    is_bool = eqn.invars[0].aval.dtype == np.bool_
-    if name in ("reduce_and", "reduce_or") or (is_bool and name in ("reduce_max", "reduce_min")):
-        fn = "torch.any" if name in ("reduce_or", "reduce_max") else "torch.all"
-        return [f"{fn}({x}, {int_list(axes)})"]
-    if name == "reduce_sum":
-        dtype = "" if is_float(eqn.invars[0].aval) else f", dtype={g.dtype(eqn.outvars[0].aval.dtype)}"
-        return [f"torch.sum({x}, {int_list(axes)}, False{dtype})"]
-    if name in ("reduce_max", "reduce_min"):  # amax/amin split the gradient between ties, like JAX
-        return [f"torch.{'amax' if name == 'reduce_max' else 'amin'}({x}, {int_list(axes)})"]
-    for a in sorted(axes, reverse=True):
-        x = g.assign(f"torch.prod({x}, {int(a)})")
-    return [x]
-
-
-@rule("argmax", "argmin")
-def _argmax(g: Emitter, eqn, ins) -> list[str]:
-    (axis,) = eqn.params["axes"]
-    dtype = g.dtype(eqn.params["index_dtype"])
-    return [f"torch.{eqn.primitive.name}({g.t(ins[0])}, {int(axis)}).to({dtype})"]
-
-
-# ---- shapes -----------------------------------------------------------------------------------------------
-@rule("broadcast_in_dim")
-def _broadcast_in_dim(g: Emitter, eqn, ins) -> list[str]:
-    shape, bdims = eqn.params["shape"], tuple(eqn.params["broadcast_dimensions"])
-    out = eqn.outvars[0].aval
-    if not isinstance(ins[0], str):
-        name = g.assign(f"torch.full({g.shape(shape)}, {g.s(ins[0])}, dtype={g.dtype(out.dtype)}, device={g.device})")
-        g.fills[name] = ins[0]
-        return [name]
-    x, in_shape = ins[0], eqn.invars[0].aval.shape
-    if len(bdims) < len(shape):
-        x = g.assign(x + "".join(f".unsqueeze({d})" for d in range(len(shape)) if d not in bdims))
-    full = [1] * len(shape)
-    for i, d in enumerate(bdims):
-        full[d] = in_shape[i]
-    if all(same_dim(a, b) for a, b in zip(full, shape)):
-        return [x]
-    return [f"{x}.expand({g.shape(shape)})"]
-
-
-def same_dim(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except core.InconclusiveDimensionOperation:
-        return False
-
-
-@rule("reshape")
-def _reshape(g: Emitter, eqn, ins) -> list[str]:
-    x = g.t(ins[0])
-    if eqn.params.get("dimensions") is not None:
-        x = g.assign(f"{x}.permute({int_list(eqn.params['dimensions'])})")
-    return [f"{x}.reshape({g.shape(eqn.params['new_sizes'])})"]
-
-
-@rule("squeeze", "expand_dims")
-def _reshape_to_output(g: Emitter, eqn, ins) -> list[str]:
-    return [f"{g.t(ins[0])}.reshape({g.shape(eqn.outvars[0].aval.shape)})"]
-
-
-@rule("transpose")
-def _transpose(g: Emitter, eqn, ins) -> list[str]:
-    return [f"{g.t(ins[0])}.permute({int_list(eqn.params['permutation'])})"]
-
-
-@rule("concatenate")
-def _concatenate(g: Emitter, eqn, ins) -> list[str]:
-    return [f"torch.cat([{', '.join(g.t(x) for x in ins)}], {int(eqn.params['dimension'])})"]
-
-
-@rule("stack")
-def _stack(g: Emitter, eqn, ins) -> list[str]:
-    return [f"torch.stack([{', '.join(g.t(x) for x in ins)}], {int(eqn.params['axis'])})"]
-
-
-@rule("tile")
-def _tile(g: Emitter, eqn, ins) -> list[str]:
-    return [f"{g.t(ins[0])}.repeat({int_list(eqn.params['reps'])})"]
-
-
-@rule("rev")
-def _rev(g: Emitter, eqn, ins) -> list[str]:
-    return [f"torch.flip({g.t(ins[0])}, {int_list(eqn.params['dimensions'])})"]
-
-
-@rule("split")
-def _split(g: Emitter, eqn, ins) -> list[str]:
-    sizes = "[" + ", ".join(g.dim(s) for s in eqn.params["sizes"]) + "]"
-    parts = g.assign(f"torch.split({g.t(ins[0])}, {sizes}, {int(eqn.params['axis'])})")
-    return [f"{parts}[{k}]" for k in range(len(eqn.outvars))]
-
-
-@rule("slice")
-def _slice(g: Emitter, eqn, ins) -> list[str]:
-    p, shape = eqn.params, eqn.invars[0].aval.shape
-    x = g.t(ins[0])
-    strides = p["strides"] or (1,) * len(shape)
-    for d, (start, limit, stride, size) in enumerate(zip(p["start_indices"], p["limit_indices"], strides, shape)):
-        if not (same_dim(start, 0) and same_dim(limit, size) and stride == 1):
-            # aten.slice on the sliced dims only: `x[:, a:b]` would also record a full-copy backward for `:`
-            x = g.assign(f"torch.ops.aten.slice({x}, {d}, {g.dim(start)}, {g.dim(limit)}, {int(stride)})")
-    return [x]
-
-
-@rule("iota")
-def _iota(g: Emitter, eqn, ins) -> list[str]:
-    p = eqn.params
-    shape, dim = p["shape"], int(p["dimension"])
-    x = f"torch.arange({g.dim(shape[dim])}, dtype={g.dtype(p['dtype'])}, device={g.device})"
-    if len(shape) == 1:
-        return [x]
-    return [f"{placed(x, dim, len(shape))}.expand({g.shape(shape)})"]
-
-
-def placed(vec: str, axis: int, rank: int) -> str:
-    """A 1-d tensor as axis `axis` of a rank-`rank` tensor (a view; `[None, :]` would record slices)."""
-    if rank == 1:
-        return vec
-    return f"{vec}.reshape([{', '.join('-1' if a == axis else '1' for a in range(rank))}])"
+RULES: dict[str, Rule] = rule_table(
+    {name: _unary(template) for name, template in UNARY.items()},
+    dict.fromkeys(_PASS_THROUGH, _pass_through),
+    {"not": _not, "abs": _abs, "round": _round, "integer_pow": _integer_pow},
+    dict.fromkeys(_OPERATORS, _operator),
+    {"div": _div, "rem": _rem, "pow": _pow},
+    dict.fromkeys(_TENSOR_BINARY, _tensor_binary),
+    {"select_n": _select_n, "clamp": _clamp, "convert_element_type": _convert, "reduce_precision": _reduce_precision,
+     "bitcast_convert_type": _bitcast, "dim_as_value": _dim_as_value},
+)

@@ -1,58 +1,23 @@
 """Peephole fusion: the elementwise chains that jax.nn functions trace to → one native torch op.
 
-`plan(jaxpr)` finds, e.g., the softmax that `jax.nn.softmax` traces to (reduce_max, stop_gradient, sub, exp,
+`match_softmax` finds, e.g., the softmax that `jax.nn.softmax` traces to (reduce_max, stop_gradient, sub, exp,
 reduce_sum, div) and maps it to `torch.softmax(x, axis)`: the same value and gradient in one kernel. Covered:
 gelu (both forms), silu, softmax, log_softmax, flax LayerNorm, Dense (matmul + bias), Conv (conv + bias, and
-relu in place after it); dot-product attention in torch_fusion_attention; activations and residual adds in place
-on a Dense's output in torch_fusion_dense. A chain is fused only when its intermediate values are used nowhere
-else.
+relu in place after it); dot-product attention in fusion/attention.py; activations and residual adds in place
+on a Dense's output in fusion/dense.py. A chain is fused only when its intermediate values are used nowhere
+else (`graph.plan` checks).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
-from dataclasses import dataclass
 
-import numpy as np
 from jax._src import core
 
-Emit = Callable[[Any, list[str]], str]  # (Emitter, tensor codes of the chain's inputs) -> expression of its output
-
-
-@dataclass(frozen=True)
-class Fusion:
-    inputs: tuple[core.Var, ...]
-    covered: frozenset[int]  # equation indices replaced by the fused op (the root included)
-    emit: Emit
-
-
-class Graph:
-    def __init__(self, jaxpr: core.Jaxpr):
-        self.index = {id(eqn): i for i, eqn in enumerate(jaxpr.eqns)}
-        self.producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
-        self.uses = Counter(v for eqn in jaxpr.eqns for v in eqn.invars if isinstance(v, core.Var))
-        self.uses.update(v for v in jaxpr.outvars if isinstance(v, core.Var))
-
-    def op(self, v: object, name: str) -> core.JaxprEqn | None:
-        eqn = self.producer.get(v) if isinstance(v, core.Var) else None
-        return eqn if eqn is not None and eqn.primitive.name == name else None
-
-
-def literal_is(x: object, value: float) -> bool:
-    return isinstance(x, core.Literal) and np.shape(x.val) == () and np.isclose(float(x.val), value, rtol=1e-6)
-
-
-def with_literal(g: Graph, v: object, name: str, value: float) -> object | None:
-    """`v = name(value, other)` in either operand order → other."""
-    eqn = g.op(v, name)
-    if eqn is None:
-        return None
-    a, b = eqn.invars
-    return b if literal_is(a, value) else a if literal_is(b, value) else None
+from trainkit.export.torchscript.fusion.graph import Graph, literal_is, with_literal
+from trainkit.export.torchscript.rules import contraction
 
 
 def _pair(eqn: core.JaxprEqn) -> list[tuple[object, object]]:
@@ -159,7 +124,7 @@ def softmax_of(g: Graph, root: core.JaxprEqn) -> tuple | None:
     return None if total is None else (x, axis, [root, exp, *chain, *total])
 
 
-def _softmax(g: Graph, root: core.JaxprEqn) -> tuple | None:
+def match_softmax(g: Graph, root: core.JaxprEqn) -> tuple | None:
     found = softmax_of(g, root)
     if found is None:
         return None
@@ -167,7 +132,7 @@ def _softmax(g: Graph, root: core.JaxprEqn) -> tuple | None:
     return (x,), chain, lambda g, a: f"torch.softmax({a[0]}, {axis})"
 
 
-def _log_softmax(g: Graph, root: core.JaxprEqn) -> tuple | None:
+def match_log_softmax(g: Graph, root: core.JaxprEqn) -> tuple | None:
     m, q = root.invars
     shifted = _shifted(g, m)
     log = g.op(q, "log")
@@ -193,7 +158,7 @@ def _biased(g: Graph, root: core.JaxprEqn, primitive: str) -> Iterator[tuple]:
             yield eqn, shaped.invars[0], shaped
 
 
-def _dense(g: Graph, root: core.JaxprEqn) -> tuple | None:
+def match_dense(g: Graph, root: core.JaxprEqn) -> tuple | None:
     """`x @ W + b` (flax Dense) → one GEMM with the bias as its accumulator."""
     for dot, bias, shaped in _biased(g, root, "dot_general"):
         x, w = dot.invars
@@ -214,10 +179,10 @@ def linear_code(g: Any, a: list[str]) -> str:
 def dense_of(g: Graph, v: object) -> tuple | None:
     """`v = x @ W + b` (flax Dense) → ((x, W, b), chain, emit): `linear`, whose output is a tensor no one else holds."""
     eqn = g.op(v, "add")
-    return _dense(g, eqn) if eqn is not None else None
+    return match_dense(g, eqn) if eqn is not None else None
 
 
-def _conv_bias(g: Graph, root: core.JaxprEqn) -> tuple | None:
+def match_conv_bias(g: Graph, root: core.JaxprEqn) -> tuple | None:
     """flax Conv (conv + bias) → the conv kernel adds the bias: no broadcast pass over a permuted output."""
     for conv, bias, shaped in _biased(g, root, "conv_general_dilated"):
         out, z = root.outvars[0].aval, shaped.outvars[0]
@@ -225,14 +190,8 @@ def _conv_bias(g: Graph, root: core.JaxprEqn) -> tuple | None:
         if (bias.aval.ndim != 1 or z.aval.shape != tuple(out.shape[d] if d == feature else 1 for d in range(out.ndim))
                 or not conv.invars[0].aval.dtype == conv.invars[1].aval.dtype == bias.aval.dtype == out.dtype):
             continue
-        return (*conv.invars, bias), [root, conv, shaped], lambda g, a, conv=conv: _conv_code(g, conv, *a)
+        return (*conv.invars, bias), [root, conv, shaped], lambda g, a, conv=conv: contraction.conv(g, conv, *a)
     return None
-
-
-def _conv_code(g: Any, eqn: core.JaxprEqn, x: str, w: str, bias: str = "None") -> str:
-    from trainkit.export.torch_ops_contraction import conv  # imported here: it imports torch_codegen, which imports us
-
-    return conv(g, eqn, x, w, bias)
 
 
 def is_jax_relu(root: core.JaxprEqn) -> bool:
@@ -242,16 +201,16 @@ def is_jax_relu(root: core.JaxprEqn) -> bool:
             and "jax/_src/" in str(getattr(root.params["jvp_jaxpr_fun"].debug_info, "func_src_info", "")))
 
 
-def _conv_relu(g: Graph, root: core.JaxprEqn) -> tuple | None:
+def match_conv_relu(g: Graph, root: core.JaxprEqn) -> tuple | None:
     """relu(conv [+ bias]) → relu in place on the conv's fresh output: a new activation-sized tensor per call
     costs page faults that take longer than the relu itself (measured: CNN forward 4.4 → 2.4 ms, one thread).
     Safe under autograd: relu's backward reads its output, and a conv's output is no view (see
-    torch_fusion_dense for outputs that are)."""
+    fusion/dense.py for outputs that are)."""
     if not is_jax_relu(root):
         return None
     conv = g.op(root.invars[0], "conv_general_dilated")
-    found = ((conv.invars, [conv], lambda g, a: _conv_code(g, conv, a[0], a[1])) if conv is not None
-             else _conv_bias(g, g.producer.get(root.invars[0])) if g.op(root.invars[0], "add") else None)
+    found = ((conv.invars, [conv], lambda g, a: contraction.conv(g, conv, a[0], a[1])) if conv is not None
+             else match_conv_bias(g, g.producer.get(root.invars[0])) if g.op(root.invars[0], "add") else None)
     if found is None:
         return None
     inputs, chain, emit = found
@@ -292,7 +251,7 @@ def _row_vector(g: Graph, v: object, x: core.Var) -> tuple | None:
     return eqn.invars[0], eqn
 
 
-def _layer_norm(g: Graph, root: core.JaxprEqn) -> tuple | None:
+def match_layer_norm(g: Graph, root: core.JaxprEqn) -> tuple | None:
     """flax LayerNorm (last axis, scale and bias, fast variance E[x²] - E[x]²) → torch layer_norm."""
     for y, z in _pair(root):
         mul = g.op(y, "mul")
@@ -338,43 +297,3 @@ def _layer_norm_stats(g: Graph, x: core.Var, mean_b: object, inv: object) -> tup
         return None
     chain = [rsqrt, add, bvar, bmean, g.producer[bvar.invars[0]], diff, *mean[1], *mean_sq[1], sq_mean[1], sq[1]]
     return float(eps.val), chain
-
-
-# Passes in order: chains that contain smaller ones (attention contains a softmax) are matched first.
-# torch_fusion_attention and torch_fusion_dense add their matchers to the first pass.
-_MATCHERS: tuple[dict[str, tuple], ...] = (
-    {"custom_jvp_call": (_conv_relu,)},
-    {"mul": (match_gelu_tanh, match_gelu_erf, match_silu), "div": (_softmax,), "sub": (_log_softmax,),
-     "add": (_layer_norm, _dense, _conv_bias)})
-
-
-def match_first(primitive: str) -> Callable:
-    """Register a matcher for chains rooted at `primitive` that other matchers' chains are part of."""
-    def register(matcher: Callable) -> Callable:
-        _MATCHERS[0][primitive] = _MATCHERS[0].get(primitive, ()) + (matcher,)
-        return matcher
-    return register
-
-
-def plan(jaxpr: core.Jaxpr) -> dict[int, Fusion]:
-    """Fusions keyed by the index of their root (last) equation."""
-    g = Graph(jaxpr)
-    fusions: dict[int, Fusion] = {}
-    taken: set[int] = set()
-    for matchers, (i, root) in itertools.product(_MATCHERS, enumerate(jaxpr.eqns)):
-        if not np.issubdtype(root.outvars[0].aval.dtype, np.floating):
-            continue
-        for matcher in matchers.get(root.primitive.name, ()):
-            found = matcher(g, root)
-            if found is None:
-                continue
-            inputs, chain, emit = found
-            covered = frozenset(g.index[id(e)] for e in chain)
-            inner = [v for e in chain if e is not root for v in e.outvars]
-            inside = Counter(v for e in chain for v in e.invars if isinstance(v, core.Var))
-            if covered & taken or any(g.uses[v] != inside[v] for v in inner):
-                continue
-            fusions[i] = Fusion(tuple(inputs), covered, emit)
-            taken |= covered
-            break
-    return fusions

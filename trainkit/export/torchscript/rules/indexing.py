@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from trainkit.export.torch_codegen import Emitter, Unsupported, py_scalar
-from trainkit.export.torch_ops import int_list, placed, rule, same_dim, torch_pad
+from trainkit.export.torchscript.emitter import (Emitter, Rule, Unsupported, int_list, placed, py_scalar, rule_table,
+                                                 same_dim, torch_pad)
 
 
 def _mode(eqn) -> str:
@@ -64,7 +64,6 @@ def _to_output(g: Emitter, x: str, nb: int, offset_dims: tuple, rank: int) -> st
     return x if perm == list(range(rank)) else g.assign(f"{x}.permute({int_list(perm)})")
 
 
-@rule("gather")
 def _gather(g: Emitter, eqn, ins) -> list[str]:
     dn, sizes = eqn.params["dimension_numbers"], tuple(eqn.params["slice_sizes"])
     op, idx_aval = eqn.invars[0].aval, eqn.invars[1].aval
@@ -101,7 +100,6 @@ _SCATTER = {"scatter-add": "add", "scatter_add": "add", "scatter-sub": "sub", "s
             "scatter_min": "amin", "scatter-max": "amax", "scatter_max": "amax"}
 
 
-@rule(*_SCATTER)
 def _scatter(g: Emitter, eqn, ins) -> list[str]:
     dn, kind = eqn.params["dimension_numbers"], _SCATTER[eqn.primitive.name]
     op, idx_aval, upd_aval = (v.aval for v in eqn.invars)
@@ -150,7 +148,6 @@ def _clamped_start(g: Emitter, start: Any, size: Any, window: Any) -> str:
     return f"max(0, min({s}, {g.dim(size)} - {g.dim(window)}))"
 
 
-@rule("dynamic_slice")
 def _dynamic_slice(g: Emitter, eqn, ins) -> list[str]:
     x, shape = g.t(ins[0]), eqn.invars[0].aval.shape
     for d, (start, size, win) in enumerate(zip(ins[1:], shape, eqn.params["slice_sizes"])):
@@ -159,7 +156,6 @@ def _dynamic_slice(g: Emitter, eqn, ins) -> list[str]:
     return [x]
 
 
-@rule("dynamic_update_slice")
 def _dynamic_update_slice(g: Emitter, eqn, ins) -> list[str]:
     x, upd = g.t(ins[0]), g.t(ins[1])
     shape, win = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
@@ -172,7 +168,6 @@ def _dynamic_update_slice(g: Emitter, eqn, ins) -> list[str]:
     return [out]
 
 
-@rule("pad")
 def _pad(g: Emitter, eqn, ins) -> list[str]:
     x, config = g.t(ins[0]), eqn.params["padding_config"]
     value = g.s(ins[1]) if not isinstance(ins[1], str) else f"{ins[1]}.item()"
@@ -191,7 +186,6 @@ def _pad(g: Emitter, eqn, ins) -> list[str]:
 _WINDOW_INIT = {"reduce_window_sum": "0.0", "reduce_window_max": 'float("-inf")', "reduce_window_min": 'float("inf")'}
 
 
-@rule(*_WINDOW_INIT)
 def _reduce_window(g: Emitter, eqn, ins) -> list[str]:
     p, name = eqn.params, eqn.primitive.name
     if any(int(d) != 1 for d in p["base_dilation"]):
@@ -246,7 +240,6 @@ _CUMULATIVE = {"cumsum": "torch.cumsum({x}, {a}{dt})", "cumprod": "torch.cumprod
                "cumlogsumexp": "torch.logcumsumexp({x}, {a})"}
 
 
-@rule(*_CUMULATIVE)
 def _cumulative(g: Emitter, eqn, ins) -> list[str]:
     x, a = g.t(ins[0]), int(eqn.params["axis"])
     dtype = eqn.outvars[0].aval.dtype
@@ -257,7 +250,6 @@ def _cumulative(g: Emitter, eqn, ins) -> list[str]:
     return [f"torch.flip({g.assign(out)}, [{a}])" if eqn.params["reverse"] else out]
 
 
-@rule("sort")
 def _sort(g: Emitter, eqn, ins) -> list[str]:
     if eqn.params["num_keys"] != 1:
         raise Unsupported("with more than one sort key is not supported")
@@ -267,9 +259,17 @@ def _sort(g: Emitter, eqn, ins) -> list[str]:
     return [f"{pair}[0]"] + [f"torch.gather({g.t(x)}, {d}, {order})" for x in ins[1:]]
 
 
-@rule("top_k")
 def _top_k(g: Emitter, eqn, ins) -> list[str]:
     axis = int(eqn.params.get("axis", eqn.invars[0].aval.ndim - 1))
     pair = g.assign(f"torch.topk({g.t(ins[0])}, {int(eqn.params['k'])}, {axis})")
     return [f"{pair}[0]", f"{pair}[1].to({g.dtype(eqn.outvars[1].aval.dtype)})"]
 
+
+RULES: dict[str, Rule] = rule_table(
+    {"gather": _gather},
+    dict.fromkeys(_SCATTER, _scatter),
+    {"dynamic_slice": _dynamic_slice, "dynamic_update_slice": _dynamic_update_slice, "pad": _pad},
+    dict.fromkeys(_WINDOW_INIT, _reduce_window),
+    dict.fromkeys(_CUMULATIVE, _cumulative),
+    {"sort": _sort, "top_k": _top_k},
+)

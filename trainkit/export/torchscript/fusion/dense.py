@@ -19,8 +19,9 @@ from typing import Any
 
 from jax._src import core
 
-from trainkit.export.torch_fusion import (GELU_CUBIC, GELU_LINEAR, Graph, dense_of, is_jax_relu, match_first,
-                                          match_gelu_erf, match_gelu_tanh, match_silu)
+from trainkit.export.torchscript.fusion.graph import Graph
+from trainkit.export.torchscript.fusion.native import (GELU_CUBIC, GELU_LINEAR, dense_of, is_jax_relu, match_gelu_erf,
+                                                       match_gelu_tanh, match_silu)
 
 # tanh-GELU in place runs over chunks this size (256 KiB of float32: its one temporary stays in L2 cache).
 # ATen's own gelu(approximate="tanh") takes 2.3 ms on 1M floats, this 1.2 ms, both in place, one thread.
@@ -28,7 +29,7 @@ GELU_CHUNK = 65536
 
 
 def _gelu_tanh_in_place(g: Any, h: str) -> None:
-    # The same arithmetic, in the same order, as torch_fusion's out-of-place x * sigmoid(x * (a + b * (x * x))).
+    # The same arithmetic, in the same order, as fusion/native.py's out-of-place x * sigmoid(x * (a + b * (x * x))).
     c = g.fresh("c")
     with g.block(f"for {c} in torch.split({h}.view(-1), {GELU_CHUNK}):"):
         g.emit(f"{c}.mul_(torch.mul({c}, {c}).mul_({GELU_CUBIC!r}).add_({GELU_LINEAR!r}).mul_({c}).sigmoid_())")
@@ -41,7 +42,6 @@ _IN_PLACE = {  # activation matcher → emits the lines that apply it to tensor 
 }
 
 
-@match_first("mul")
 def dense_activation(g: Graph, root: core.JaxprEqn) -> tuple | None:
     """gelu / silu of a Dense → the activation in place on `linear`'s output."""
     for matcher, in_place in _IN_PLACE.items():
@@ -53,8 +53,6 @@ def dense_activation(g: Graph, root: core.JaxprEqn) -> tuple | None:
     return None
 
 
-@match_first("jit")
-@match_first("pjit")
 def dense_jitted_silu(g: Graph, root: core.JaxprEqn) -> tuple | None:
     """jax.nn.silu, which arrives as a `jit` of x * logistic(x), of a Dense → as `dense_activation`."""
     body = root.params["jaxpr"].jaxpr
@@ -69,7 +67,6 @@ def dense_jitted_silu(g: Graph, root: core.JaxprEqn) -> tuple | None:
     return inputs, [root, *chain], lambda g, a: _unless_grad(g, linear(g, a), [], _IN_PLACE[match_silu], found[2])
 
 
-@match_first("custom_jvp_call")
 def dense_relu(g: Graph, root: core.JaxprEqn) -> tuple | None:
     """jax.nn.relu of a Dense → `relu_` on `linear`'s output."""
     dense = dense_of(g, root.invars[0]) if is_jax_relu(root) else None
@@ -80,7 +77,6 @@ def dense_relu(g: Graph, root: core.JaxprEqn) -> tuple | None:
         g, linear(g, a), [], lambda g, h: g.emit(f"torch.relu_({h})"), lambda g, h: f"torch.relu({h[0]})")
 
 
-@match_first("add")
 def dense_residual(g: Graph, root: core.JaxprEqn) -> tuple | None:
     """`r + Dense(x)` of the same shape and dtype → `linear(...).add_(r)`: no second output-sized tensor."""
     out = root.outvars[0].aval

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from jax._src import core
 
-if TYPE_CHECKING:
-    from trainkit.export.torch_codegen import Emitter
-
-Value = Any  # str (tensor code) | core.Literal
+from trainkit.export.torchscript.emitter import Emitter, Rule, Value, rule_table
 
 
 def emit_cond(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
@@ -82,4 +77,4 @@ def emit_scan(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
     return carry + stacked
 
 
-EMITTERS = {"cond": emit_cond, "while": emit_while, "scan": emit_scan}
+RULES: dict[str, Rule] = rule_table({"cond": emit_cond, "while": emit_while, "scan": emit_scan})

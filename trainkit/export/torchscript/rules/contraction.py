@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainkit.export.torch_codegen import Emitter, Unsupported
-from trainkit.export.torch_ops import int_list, rule, torch_pad
+from trainkit.export.torchscript.emitter import Emitter, Rule, Unsupported, int_list, rule_table, torch_pad
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-@rule("dot_general")
 def _dot_general(g: Emitter, eqn, ins) -> list[str]:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
@@ -72,14 +70,13 @@ def _multiply_and_sum(g: Emitter, x: tuple[str, list], y: tuple[str, list], summ
     return product if perm == list(range(len(perm))) else f"{product}.permute({int_list(perm)})"
 
 
-@rule("conv_general_dilated")
 def _conv(g: Emitter, eqn, ins) -> list[str]:
     return [conv(g, eqn, g.t(ins[0]), g.t(ins[1]))]
 
 
 def conv(g: Emitter, eqn, x: str, w: str, bias: str = "None") -> str:
     """torch.conv{1,2,3}d in the equation's layouts; `bias` (1-d, per output feature) is added by the conv
-    kernel itself (torch_fusion matches conv + bias)."""
+    kernel itself (fusion/native.py matches conv + bias)."""
     p = eqn.params
     if p["batch_group_count"] != 1:
         raise Unsupported("with batch_group_count != 1 is not supported")
@@ -108,3 +105,6 @@ def conv(g: Emitter, eqn, x: str, w: str, bias: str = "None") -> str:
     for i, o in enumerate(out_spec):
         perm[o] = i
     return out if perm == list(range(nsp + 2)) else f"{out}.permute({int_list(perm)})"
+
+
+RULES: dict[str, Rule] = rule_table({"dot_general": _dot_general, "conv_general_dilated": _conv})

@@ -1,0 +1,120 @@
+"""The export formats: one table, `FORMATS`, read by config validation, the export command and the end of training.
+
+Adding a format is one row: a `Format` whose `write(task, params, path, spec) -> Report` writes the artifact to
+`path` and checks it against JAX once (on `spec.args`, against `spec.ref`). This module imports no JAX and no
+torch, so that `trainkit.config` can validate `export.formats` cheaply; each writer is imported on first use.
+
+    FORMATS["stablehlo"].suffix       # ".stablehlo"
+    format_of("model.pt").name        # "pt"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from trainkit.errors import TrainkitError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from trainkit.models import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """An artifact's parity with JAX, as recorded in the sidecar: max |got - ref| and that over max |ref|;
+    forces too for potentials; `tensors` for weight files (checked by read-back rather than by running)."""
+
+    max_abs: float
+    max_rel: float
+    forces_max_abs: float | None = None
+    forces_max_rel: float | None = None
+    tensors: int | None = None
+
+    @property
+    def worst(self) -> float:
+        """The relative error the tolerance is compared with: NaN (a NaN output or force) counts as infinite, so
+        that it fails the gate whichever of the two it is in (`max` alone would drop a NaN second argument)."""
+        errors = [self.max_rel, *([] if self.forces_max_rel is None else [self.forces_max_rel])]
+        return math.inf if any(math.isnan(e) for e in errors) else max(errors)
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The sidecar's `parity` entry: the fields that were measured, in declaration order."""
+        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactSpec:
+    """What one artifact is written as and checked against, computed once per export."""
+
+    file: str  # the final file name (the writer is handed a temporary path)
+    metadata: Mapping[str, Any]  # the sidecar so far, for formats that embed it
+    args: tuple[np.ndarray, ...]  # check inputs: their symbolic sizes differ from the tracing example's
+    ref: np.ndarray  # JAX's first output on `args`
+    ref_forces: np.ndarray | None  # JAX's forces on `args`, for potentials
+
+
+Writer = Callable[["Task", Any, Path, ArtifactSpec], Report]
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    """An optional package a format needs, and the extra that installs it."""
+
+    module: str
+    name: str
+    extra: str
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None  # finds it without importing it
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    name: str  # as in `export.formats` and in the sidecar's `artifacts`
+    suffix: str  # the file name suffix that picks this format in `python -m trainkit.export SOURCE -o OUT`
+    description: str  # shown in the error for an unknown suffix
+    write: Writer
+    needs: Requirement | None = None
+    runs_model: bool = True  # False for weights: no forces output in the signature
+
+    def require(self) -> None:
+        if self.needs is not None and not self.needs.installed():
+            raise TrainkitError(f"exporting {self.suffix} needs {self.needs.name}: "
+                                f"pip install 'trainkit[{self.needs.extra}]'")
+
+
+def _imported(module: str, function: str) -> Writer:
+    """`module.function`, imported at the first call (the writers import JAX or torch)."""
+
+    def write(task: Task, params: Any, path: Path, spec: ArtifactSpec) -> Report:
+        return getattr(importlib.import_module(module), function)(task, params, path, spec)
+
+    return write
+
+
+TORCH = Requirement("torch", "PyTorch", "torch")
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("pt", ".pt", "TorchScript", _imported("trainkit.export.pt", "write_torchscript"), needs=TORCH),
+    Format("stablehlo", ".stablehlo", "serialized jax.export",
+           _imported("trainkit.export.stablehlo", "write_stablehlo")),
+    Format("safetensors", ".safetensors", "weights", _imported("trainkit.export.safetensors", "write_safetensors"),
+           runs_model=False),
+)}
+
+
+def format_of(out: str | Path) -> Format:
+    """The format an output file name asks for, by its suffix."""
+    suffix = Path(out).suffix
+    for fmt in FORMATS.values():
+        if fmt.suffix == suffix:
+            return fmt
+    choices = [f"{f.suffix} ({f.description})" for f in FORMATS.values()]
+    raise TrainkitError(f"cannot tell the export format of {out}: use a {', '.join(choices[:-1])} or {choices[-1]} "
+                        "file name")

@@ -1,0 +1,45 @@
+"""What every export is checked against: JAX's outputs (and forces) on inputs whose symbolic sizes differ from
+the tracing example's, so that an artifact that only works at the traced sizes fails at export."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trainkit.errors import TrainkitError
+from trainkit.export.formats import ArtifactSpec, Report
+from trainkit.models import Task
+
+TRACE_DIMS = {"batch": 2, "atoms": 8, "seq": 8}
+CHECK_DIMS = {"batch": 3, "atoms": 12, "seq": 12}
+
+
+def reference(task: Task, params: Any, args: tuple) -> tuple[np.ndarray, np.ndarray | None]:
+    """JAX's outputs (first output) and, for potentials, forces = -dE/d(first input)."""
+    out = jax.jit(task.predict)(params, *args)
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    forces = None
+    if task.has_forces:
+        grad = jax.grad(lambda x: jnp.sum(task.predict(params, x, *args[1:])))(args[0])
+        forces = np.asarray(-grad)
+    return np.asarray(first), forces
+
+
+def relative_error(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """(max |got-ref|, max |got-ref| / max(max |ref|, 1e-30)) in float64."""
+    ref64, got64 = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    if ref64.shape != got64.shape:
+        raise TrainkitError(f"export parity: output shape {got64.shape} differs from JAX's {ref64.shape}")
+    err = float(np.max(np.abs(got64 - ref64), initial=0.0))
+    return err, err / max(float(np.max(np.abs(ref64), initial=0.0)), 1e-30)
+
+
+def measure(spec: ArtifactSpec, got: np.ndarray, forces: np.ndarray | None = None) -> Report:
+    """An artifact's outputs (and forces, for potentials) on `spec.args` against JAX's."""
+    max_abs, max_rel = relative_error(spec.ref, got)
+    if spec.ref_forces is None:
+        return Report(max_abs, max_rel)
+    return Report(max_abs, max_rel, *relative_error(spec.ref_forces, forces))

@@ -1,0 +1,18 @@
+"""Export any JAX function to a standalone TorchScript module (no JAX, no trainkit needed to run it).
+
+    module = to_torchscript(lambda p, x: model.apply(p, x), params, (x,), "model.pt",
+                            dynamic_axes=[{0: "batch"}])
+
+The function is traced to a jaxpr with symbolic dimensions (`jax.export.symbolic_shape`), so the module accepts
+other sizes along the dynamic axes; the jaxpr is translated equation by equation into the source of an
+`nn.Module.forward` that `torch.jit.script` compiles, with the parameters as buffers. Gradients flow through
+the module (custom_jvp rules included), and `with_forces=True` bakes `-d(output0)/d(input0)` into `forward`.
+Every export is checked against JAX on the example inputs (`parity`).
+
+Layout: `api` (these functions), `registry` (the one table of translations and fusions, and how to add to it),
+`rules/`, `fusion/`, `emitter`; see `registry`'s docstring.
+"""
+
+from trainkit.export.torchscript.api import PARITY_TOLERANCE, DynamicAxes, parity, to_torchscript
+
+__all__ = ["PARITY_TOLERANCE", "DynamicAxes", "parity", "to_torchscript"]
