@@ -62,8 +62,8 @@ def _trainkit_config(compression: bool):
 
 def trainkit_save(state: Any, workdir: Path, compression: bool, step: int = 1) -> dict[str, float]:
     """Save through trainkit's CheckpointManager (async, as training does) and wait until it is on disk."""
-    from trainkit.checkpoint_meta import CheckpointMeta
-    from trainkit.checkpointing import CheckpointManager
+    from trainkit.checkpoints.meta import CheckpointMeta
+    from trainkit.checkpoints.manager import CheckpointManager
 
     manager = CheckpointManager(workdir, _trainkit_config(compression))
     try:
@@ -81,8 +81,8 @@ def trainkit_save(state: Any, workdir: Path, compression: bool, step: int = 1) -
 def trainkit_restore(state: Any, workdir: Path, step: int = 1) -> float:
     import jax
 
-    from trainkit.aliases import step_dir_name
-    from trainkit.checkpointing import restore_step
+    from trainkit.checkpoints.layout import step_dir_name
+    from trainkit.checkpoints.manager import restore_step
 
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     start = time.perf_counter()
@@ -272,7 +272,7 @@ def run(quick: bool) -> Section:
                "save + restore GB/s; one run per row)." if gain < 1.2 else
                f"**Orbax options:** {best[0]} was {gain:.2f}× faster (summed save + restore GB/s) than trainkit's "
                "default here; one run per row, so confirm on a quiet machine before changing "
-               "`trainkit/checkpointing.py`.")
+               "`trainkit/checkpoints/manager.py`.")
     section.notes += [
         f"{layers} × ({width}×{width}) float32 kernels + biases = {size / 1e9:.2f} GB; {repeats} alternating "
         "round(s) of trainkit (off), dd, torch, trainkit (on); medians (figures: median of per-round ratios). "

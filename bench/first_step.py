@@ -78,7 +78,7 @@ def trainkit_timeline(workdir: Path) -> dict[str, float]:
     import trainkit.main as main_lib
 
     timeline = {"import trainkit.main": time.perf_counter() - start}
-    import trainkit.metrics as metrics_lib
+    import trainkit.logging.metrics as metrics_lib
     from trainkit import train
 
     timeline["import trainkit.train (jax, flax, optax, orbax, grain)"] = time.perf_counter() - start
@@ -148,7 +148,7 @@ def run(quick: bool) -> Section:
         "Where the time goes (one more run of each, seconds since the interpreter started running the script, "
         "stage by stage): trainkit: " + _format(trainkit_stages) + ". Bare: " + _format(bare_stages) + ".",
         "Found and fixed: tensorboardX imports PyTorch whenever it is installed (~1.5 s here, for nothing "
-        "trainkit logs); trainkit.metrics now imports tensorboardX with `import torch` made to fail.",
+        "trainkit logs); trainkit.logging.metrics now imports tensorboardX with `import torch` made to fail.",
     ]
     return section
 

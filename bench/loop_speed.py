@@ -101,31 +101,20 @@ def _step_blocks(blocks: int, steps: int = 20) -> dict[str, list[float]]:
 
     from configs import default
     from trainkit import sharding
-    from trainkit.data import load_dataset
     from trainkit.data.pipeline import TrainBatches
-    from trainkit.models import build_task
-    from trainkit.train import _make_train_step
-    from trainkit.train_state import TrainState, make_optimizer
+    from trainkit.train import build_experiment, make_train_step
 
     config = default.get_config()
-    dataset = load_dataset(config.data)
-    task, tx = build_task(config, dataset.info), make_optimizer(config)
-    mesh = sharding.build_mesh(config.mesh)
-    key = jax.random.key_data(jax.random.key(config.seed))
-
-    def init():
-        return TrainState.create(task.init(jax.random.wrap_key_data(key)), tx, key)
-
-    state_sharding = sharding.state_shardings(jax.eval_shape(init), mesh, task.sharding_rules)
-    batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(_make_train_step(task, tx), in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+    experiment = build_experiment(config)
+    dataset, state_sharding, batch_sharding = experiment.dataset, experiment.state_sharding, experiment.batch_sharding
+    train_step = jax.jit(make_train_step(experiment.task, experiment.tx), in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, sharding.replicated(experiment.mesh)), donate_argnums=0)
     batches = TrainBatches(dataset.train, config.batch_size, config.seed)
     fixed = sharding.global_batch(next(batches), batch_sharding)
     _, bare_step, params, opt_state, x_train, y_train = _bare_setup(config.num_steps)
     order = np.random.default_rng(config.seed).permutation(len(y_train))
     x, y = jax.device_put(x_train[order[:config.batch_size]]), jax.device_put(y_train[order[:config.batch_size]])
-    tk, bare, pos = [jax.jit(init, out_shardings=state_sharding)()], [params, opt_state], [0]
+    tk, bare, pos = [experiment.init_state()], [params, opt_state], [0]
 
     def trainkit_block(feed: bool):
         def block() -> None:

@@ -34,8 +34,8 @@ def worker(total_bytes: int, directory: Path) -> dict[str, float]:
     import jax
     from absl import logging
 
-    from trainkit.checkpoint_meta import CheckpointMeta
-    from trainkit.checkpointing import CheckpointManager
+    from trainkit.checkpoints.meta import CheckpointMeta
+    from trainkit.checkpoints.manager import CheckpointManager
     from trainkit.config import base_config
 
     logging.set_verbosity(logging.ERROR)

@@ -48,8 +48,8 @@ class TrainkitRun:
 def train(config, first: int) -> TrainkitRun:
     """`train_and_evaluate(config)` in a temporary workdir (removed after), timing steps (first, num_steps]."""
     from trainkit import train as train_lib
-    from trainkit.checkpointing import CheckpointManager
-    from trainkit.metrics import MetricsWriter
+    from trainkit.checkpoints.manager import CheckpointManager
+    from trainkit.logging.metrics import MetricsWriter
 
     window = SyncWindow(first, config.num_steps)
     save_calls: list[tuple[int, float]] = []

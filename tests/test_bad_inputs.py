@@ -179,7 +179,7 @@ def flip_byte(path: Path, offset: int) -> None:
 
 def build_inputs(workdir: Path, inputs: Path) -> None:
     """The bad inputs the cases point at, each made from the real trained workdir."""
-    from trainkit.packing import pack
+    from trainkit.checkpoints.packing import pack
 
     inputs.mkdir()
     (inputs / "syntax.py").write_text("def get_config(:\n    return None\n")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainkit.aliases import list_steps, read_alias
-from trainkit.checkpoint_meta import Best, CheckpointMeta
-from trainkit.checkpointing import CheckpointManager
+from trainkit.checkpoints.layout import list_steps, read_alias
+from trainkit.checkpoints.meta import Best, CheckpointMeta
+from trainkit.checkpoints.manager import CheckpointManager
 from trainkit.config import base_config
 
 # step -> eval/loss (None: a save without an eval, e.g. at a preemption)

@@ -129,7 +129,7 @@ def test_safetensors_of_8_device_checkpoint_is_consolidated(tmp_path):
     """Saved with params sharded over fsdp=8: the file holds full arrays equal to the restored params."""
     import jax
 
-    from trainkit.checkpointing import read_state_arrays
+    from trainkit.checkpoints.manager import read_state_arrays
     from trainkit.export.safetensors import flat_names
 
     train(tmp_path, *SHORT, "--config.mesh.data=1", "--config.mesh.fsdp=8", devices=8)

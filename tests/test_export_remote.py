@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, assert_user_error, cli_env, run_cli, train
 from test_remote import TOKEN, files_containing, hub_handler, serving, url_handler
-from trainkit.packing import pack
+from trainkit.checkpoints.packing import pack
 
 SHORT = ("--config.num_steps=4", "--config.log_every=2", "--config.eval_every=4", "--config.checkpoint.every=4")
 

@@ -23,7 +23,7 @@ from conftest import ROOT, assert_user_error, cli_env, run_cli, train
 from gcs_emulator import GCSEmulator
 from safetensors.numpy import load as load_safetensors
 
-from trainkit.aliases import list_steps
+from trainkit.checkpoints.layout import list_steps
 from trainkit.errors import TrainkitError
 from trainkit.workdir import Staged
 

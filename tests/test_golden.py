@@ -1,7 +1,7 @@
 """A checkpoint written by format version 1 (tests/data/golden_v1, an MLP on digits) must keep loading.
 
-When the format changes, bump FORMAT_VERSION, add `upgrade_v{N}_to_v{N+1}` to `checkpoint_meta.UPGRADES`, and add a
-new golden directory beside this one; never edit an old one.
+When the format changes, bump FORMAT_VERSION, add `upgrade_v{N}_to_v{N+1}` to `trainkit.checkpoints.meta.UPGRADES`,
+and add a new golden directory beside this one; never edit an old one.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli, train, tree_hash
-from trainkit.checkpoint_meta import FORMAT_VERSION, UPGRADES, Best, CheckpointMeta
-from trainkit.checkpointing import read_meta, read_state_arrays
+from trainkit.checkpoints.meta import FORMAT_VERSION, UPGRADES, Best, CheckpointMeta
+from trainkit.checkpoints.manager import read_meta, read_state_arrays
 from trainkit.errors import TrainkitError
-from trainkit.sources import resolve_source
+from trainkit.checkpoints.sources import resolve_source
 
 GOLDEN = ROOT / "tests" / "data" / "golden_v1"
 GOLDEN_META = GOLDEN / "checkpoints" / "000002" / "meta" / "metadata"  # the JSON Orbax wrote for `meta`

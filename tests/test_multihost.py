@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_user_error, cli_env, run_cli, train
 
-from trainkit.aliases import list_steps, read_alias, step_dir_name
-from trainkit.checkpointing import read_state_arrays
-from trainkit.metrics import read_metrics
+from trainkit.checkpoints.layout import list_steps, read_alias, step_dir_name
+from trainkit.checkpoints.manager import read_state_arrays
+from trainkit.logging.metrics import read_metrics
 
 RUN = ("--config.num_steps=60", "--config.log_every=1", "--config.eval_every=15", "--config.checkpoint.every=15",
        "--config.checkpoint.keep_last=5", "--config.progress=none", "--distributed_timeout=60")

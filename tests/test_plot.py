@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import FAST, assert_user_error, run_cli, train
 
-from trainkit.aliases import read_alias
+from trainkit.checkpoints.layout import read_alias
 from trainkit.errors import TrainkitError
-from trainkit.metrics import read_metrics
+from trainkit.logging.metrics import read_metrics
 
 pytest.importorskip("matplotlib")
 

@@ -17,8 +17,8 @@ import pytest
 from conftest import ROOT, cli_env
 from test_docs import bash_lines, shrink
 
-from trainkit.aliases import list_steps, read_alias
-from trainkit.metrics import read_metrics
+from trainkit.checkpoints.layout import list_steps, read_alias
+from trainkit.logging.metrics import read_metrics
 
 NOT_RUN = {
     "python -m pip install": "installs: bench/fresh_clone.sh runs them in a fresh venv",

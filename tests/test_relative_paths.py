@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, cli_env
 
-from trainkit.aliases import list_steps, read_alias
-from trainkit.metrics import read_metrics
+from trainkit.checkpoints.layout import list_steps, read_alias
+from trainkit.logging.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -29,11 +29,11 @@ from etils.epath import backend as epath_backend
 from gcs_emulator import GCSEmulator
 from test_sources import build_workdir  # the same real Orbax workdir
 
-from trainkit.aliases import list_steps, read_alias, write_alias
+from trainkit.checkpoints.layout import list_steps, read_alias, write_alias
 from trainkit.errors import TrainkitError
-from trainkit.manifest import verify_manifest
-from trainkit.packing import pack
-from trainkit.sources import resolve_source
+from trainkit.checkpoints.manifest import verify_manifest
+from trainkit.checkpoints.packing import pack
+from trainkit.checkpoints.sources import resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_SECRET_0123456789abcdef"
@@ -229,7 +229,7 @@ HUB_SCRIPT = """
 import json, os, sys, logging
 logging.basicConfig(level=logging.DEBUG)  # any library that logs the token would put it on stderr
 from trainkit.errors import TrainkitError
-from trainkit.sources import resolve_source
+from trainkit.checkpoints.sources import resolve_source
 for case in json.loads(sys.argv[1]):
     os.environ.pop("HF_TOKEN", None)
     os.environ.update(case.get("env", {}))

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_user_error, cli_env, train, tree_hash
 
-from trainkit.aliases import list_steps, read_alias, step_dir_name
-from trainkit.checkpointing import read_state_arrays
-from trainkit.metrics import read_metrics
+from trainkit.checkpoints.layout import list_steps, read_alias, step_dir_name
+from trainkit.checkpoints.manager import read_state_arrays
+from trainkit.logging.metrics import read_metrics
 
 RUN = ("--config.num_steps=40", "--config.log_every=2", "--config.eval_every=10", "--config.checkpoint.every=10",
        "--config.checkpoint.keep_last=10")

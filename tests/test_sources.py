@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainkit.aliases import find_step_dir, list_steps, read_alias, write_alias
-from trainkit.checkpoint_meta import FORMAT_VERSION
+from trainkit.checkpoints.layout import find_step_dir, list_steps, read_alias, write_alias
+from trainkit.checkpoints.meta import FORMAT_VERSION
 from trainkit.errors import TrainkitError
-from trainkit.manifest import read_manifest, verify_manifest
-from trainkit.packing import MARKER_NAME, pack, read_pack_info, unpack
-from trainkit.sources import resolve_source
+from trainkit.checkpoints.manifest import read_manifest, verify_manifest
+from trainkit.checkpoints.packing import MARKER_NAME, pack, read_pack_info, unpack
+from trainkit.checkpoints.sources import resolve_source
 
 
 def state_tree(step: int) -> dict:
@@ -33,8 +33,8 @@ def state_tree(step: int) -> dict:
 
 def build_workdir(root: Path) -> Path:
     """Save steps 40 and 80 into `root/W` with trainkit's CheckpointManager, as training does; return W."""
-    from trainkit.checkpoint_meta import CheckpointMeta
-    from trainkit.checkpointing import CheckpointManager
+    from trainkit.checkpoints.meta import CheckpointMeta
+    from trainkit.checkpoints.manager import CheckpointManager
     from trainkit.config import base_config
 
     workdir = root / "W"

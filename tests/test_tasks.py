@@ -21,7 +21,7 @@ from trainkit.data import load_dataset
 from trainkit.data import molecules
 from trainkit.data.pipeline import eval_batches
 from trainkit.errors import TrainkitError
-from trainkit.metrics import read_metrics
+from trainkit.logging.metrics import read_metrics
 from trainkit.models import build_task
 from trainkit.models.potential import energy_and_forces, pair_vectors
 from trainkit.train_state import TrainState, make_optimizer

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST, assert_user_error, run_cli, train
-from trainkit.metrics import read_metrics
+from trainkit.logging.metrics import read_metrics
 
 
 def losses(workdir) -> list[float]:
@@ -55,18 +55,10 @@ def test_8_device_mesh_matches_1_device(tmp_path, config):
 
 def sharded_state(config):
     """The initial TrainState of `config` on a data=2, fsdp=2, model=2 mesh of the 8 fake devices."""
-    from trainkit import sharding
-    from trainkit.data import load_dataset
-    from trainkit.models import build_task
-    from trainkit.train_state import TrainState, make_optimizer
+    from trainkit.train import build_experiment
 
     config.mesh.update({"data": 2, "fsdp": 2, "model": 2})
-    mesh = sharding.build_mesh(config.mesh)
-    task = build_task(config, load_dataset(config.data).info)
-    tx = make_optimizer(config)
-    rng = jax.random.key_data(jax.random.key(0))
-    init = lambda: TrainState.create(task.init(jax.random.wrap_key_data(rng)), tx, rng)  # noqa: E731
-    return jax.jit(init, out_shardings=sharding.state_shardings(jax.eval_shape(init), mesh, task.sharding_rules))()
+    return build_experiment(config).init_state()
 
 
 def test_state_is_sharded_over_fsdp_and_model():

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, assert_user_error, cli_env, train
 
-from trainkit.aliases import read_alias, step_dir_name
-from trainkit.metrics import read_metrics
-from trainkit.wandb_logger import read_run_id
+from trainkit.checkpoints.layout import read_alias, step_dir_name
+from trainkit.logging.metrics import read_metrics
+from trainkit.logging.wandb_run import read_run_id
 
 pytest.importorskip("wandb")
 
@@ -125,7 +125,7 @@ def resumed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 def test_sigterm_and_resume_is_one_wandb_run_without_duplicate_steps(resumed):
-    from trainkit.checkpointing import read_meta
+    from trainkit.checkpoints.manager import read_meta
 
     workdir, _ = resumed
     segments = wandb_segments(workdir)
@@ -179,6 +179,6 @@ def test_enabled_without_wandb_installed_is_one_line(tmp_path):
 
 
 def test_wandb_is_not_imported_when_disabled():
-    code = "import sys, trainkit.train, trainkit.metrics; assert 'wandb' not in sys.modules, 'wandb imported'"
+    code = "import sys, trainkit.train, trainkit.logging.metrics; assert 'wandb' not in sys.modules, 'wandb imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=cli_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -21,7 +21,7 @@ from trainkit.paths import absolute_path
 
 
 def _resolve(source: str, hf_token: str | None, *, verify: bool = True):
-    from trainkit.sources import resolve_source
+    from trainkit.checkpoints.sources import resolve_source
 
     return resolve_source(source, hf_token=hf_token, verify=verify)
 
@@ -49,9 +49,9 @@ def _human(nbytes: float) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from trainkit.aliases import list_steps, read_alias, step_dir_name
-    from trainkit.checkpointing import read_step_metrics
-    from trainkit.manifest import read_manifest
+    from trainkit.checkpoints.layout import list_steps, read_alias, step_dir_name
+    from trainkit.checkpoints.manager import read_step_metrics
+    from trainkit.checkpoints.manifest import read_manifest
 
     from etils import epath
 
@@ -86,14 +86,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import orbax.checkpoint as ocp
 
-    from trainkit.checkpoint_meta import FORMAT_VERSION
-    from trainkit.checkpointing import read_meta, read_step_config
+    from trainkit.checkpoints.meta import FORMAT_VERSION
+    from trainkit.checkpoints.manager import read_step_info
 
     resolved = _resolve(args.source, args.hf_token)
-    meta = read_meta(resolved.step_dir)
+    info = read_step_info(resolved.step_dir)
+    meta, config = info.meta, info.config
     tree = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).metadata(resolved.step_dir / "state").item_metadata.tree
     leaves = _leaves(tree)
-    config = read_step_config(resolved.step_dir)
     if args.json:
         print(json.dumps({"step": resolved.step, "meta": meta.to_json(), "config": config, "tree": {
             k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in leaves.items()}}, indent=2))
@@ -112,7 +112,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from trainkit.manifest import verify_manifest
+    from trainkit.checkpoints.manifest import verify_manifest
 
     resolved = _resolve(args.source, args.hf_token, verify=False)  # report every problem, not the first
     problems = verify_manifest(resolved.step_dir)
@@ -125,7 +125,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from trainkit.checkpointing import read_state_arrays
+    from trainkit.checkpoints.manager import read_state_arrays
 
     a = _leaves(read_state_arrays(_resolve(args.a, args.hf_token).step_dir))
     b = _leaves(read_state_arrays(_resolve(args.b, args.hf_token).step_dir))
@@ -146,7 +146,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from trainkit.packing import pack
+    from trainkit.checkpoints.packing import pack
     from trainkit.workdir import prepare_output
 
     prepare_output(args.output)

@@ -8,6 +8,7 @@ sees it, so nothing below them handles a relative path. URLs (`gs://`, `https://
 from __future__ import annotations
 
 import os
+import pathlib
 from collections.abc import Sequence
 
 
@@ -26,6 +27,12 @@ def absolute_path(path: str | os.PathLike) -> str:
     if not is_local(text) or not text:
         return text
     return os.path.abspath(os.path.expanduser(text))
+
+
+def default_cache_dir() -> pathlib.Path:
+    """Where trainkit caches downloads, unpacked checkpoints and gs:// staging: `$TRAINKIT_CACHE` if set, else
+    `~/.cache/trainkit` (absolute)."""
+    return pathlib.Path(absolute_path(os.environ.get("TRAINKIT_CACHE") or "~/.cache/trainkit"))
 
 
 def absolute_flags(argv: Sequence[str], names: Sequence[str]) -> list[str]:

@@ -23,7 +23,7 @@ from etils import epath
 
 from trainkit.errors import ArgumentParser, TrainkitError, exits_cleanly
 from trainkit.paths import absolute_path, is_local
-from trainkit.metrics import METRICS_FILE, read_metrics
+from trainkit.logging.metrics import METRICS_FILE, read_metrics
 
 SPLITS = ("train", "eval")
 SKIPPED_FAMILIES = ("grad_norm",)  # plotted only when asked for: rarely what a curve comparison is about
@@ -72,7 +72,7 @@ def read_run(workdir: str | Path, label: str | None = None) -> RunCurves:
 
 
 def _read_best(workdir: epath.Path | Path, curves: dict[str, tuple[list[int], list[float]]]) -> Best | None:
-    from trainkit.aliases import read_alias
+    from trainkit.checkpoints.layout import read_alias
 
     config_path = workdir / "train_config.json"
     step = read_alias(workdir / "checkpoints", "best") if (workdir / "checkpoints").is_dir() else None

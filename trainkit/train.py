@@ -1,6 +1,8 @@
 """The training loop: build, start (resume / fine-tune / scratch), step, evaluate, log, save, export.
 
-Reads top to bottom: `train_and_evaluate` is the whole story; the jitted step functions are below it.
+Reads top to bottom: `train_and_evaluate` is the whole story in five lines; then `build_experiment` (mesh, data,
+task, optimizer, sharded abstract state), `restore_or_init` (the starting state), `train_loop`, and the jitted
+step functions below them.
 """
 
 from __future__ import annotations
@@ -21,20 +23,20 @@ from etils import epath
 
 from trainkit import config as config_lib
 from trainkit import distributed, sharding
-from trainkit.checkpoint_meta import CheckpointMeta
-from trainkit.checkpointing import CheckpointManager
+from trainkit.checkpoints.meta import CheckpointMeta
+from trainkit.checkpoints.manager import CheckpointManager
 from trainkit.data import load_dataset
 from trainkit.errors import TrainkitError
 from trainkit.data.pipeline import TrainBatches, eval_batches
-from trainkit.metrics import MetricsWriter
+from trainkit.logging.metrics import MetricsWriter
 from trainkit.models import Task, build_task
 from trainkit.paths import absolute_optional, absolute_path
 from trainkit.preemption import StopRequests
-from trainkit.progress import Progress
-from trainkit.resume import find_start
-from trainkit.aliases import list_steps
+from trainkit.logging.progress import Progress
+from trainkit.checkpoints.resume import Start, find_start
+from trainkit.checkpoints.layout import list_steps
 from trainkit.train_state import TrainState, make_optimizer
-from trainkit.wandb_logger import start_wandb
+from trainkit.logging.wandb_run import start_wandb
 from trainkit.workdir import WorkdirLock, prepare
 
 BLOCK_EVERY = 10  # wait for a result at least this often: fake CPU devices deadlock on deep queues
@@ -67,43 +69,82 @@ def itstime(step: int, every: int, last: int | None = None) -> bool:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        options: RunOptions = RunOptions()) -> TrainResult:
+    """Train `config` in `workdir` (a relative path is taken against the current directory): build the experiment,
+    start from this workdir's latest good checkpoint (else --resume_from / --init_from / scratch), then loop."""
     config_lib.validate(config)
     workdir = prepare(absolute_path(workdir))
     options = dataclasses.replace(options, resume_from=absolute_optional(options.resume_from),
                                   init_from=absolute_optional(options.init_from))
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
     try:
-        return _run(config, workdir, options)
+        experiment = build_experiment(config)
+        if options.fresh:
+            _clear_for_fresh(workdir / "checkpoints", options.overwrite)
+        checkpoints = CheckpointManager(workdir, config)
+        start = restore_or_init(experiment, checkpoints, options)
+        _write_config(workdir, config)
+        return train_loop(experiment, workdir, checkpoints, start, fresh=options.fresh)
     finally:
         if lock:
             lock.release()
 
 
-def _run(config: ml_collections.ConfigDict, workdir: epath.Path, options: RunOptions) -> TrainResult:
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What a run is built from: mesh, data, task, optimizer, and the state's abstract shapes with their shardings.
+    Built once, in one place (`build_experiment`), by the loop, the tests and the benchmarks alike."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    dataset: Any
+    task: Task
+    tx: optax.GradientTransformation
+    abstract_state: Any  # TrainState of jax.ShapeDtypeStruct, each with its sharding
+    state_sharding: Any
+    batch_sharding: jax.sharding.NamedSharding
+
+    def init_state(self) -> TrainState:
+        """A fresh TrainState created straight into its shardings (jitted; nothing is built twice)."""
+        return jax.jit(_init_fn(self.config, self.task, self.tx), out_shardings=self.state_sharding)()
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+    """mesh -> data -> task -> optimizer -> `eval_shape` of the state -> its shardings (big_vision's order)."""
     mesh = sharding.build_mesh(config.mesh)
     sharding.check_batch(config.batch_size, mesh)
     dataset = load_dataset(config.data)
     task = build_task(config, dataset.info)
     tx = make_optimizer(config)
-
-    # Initialise straight into the shardings: eval_shape -> shardings -> jitted init (nothing built twice).
-    rng = jax.random.key_data(jax.random.key(config.seed))
-    init_fn = lambda: TrainState.create(task.init(jax.random.wrap_key_data(rng)), tx, rng)  # noqa: E731
-    abstract = jax.eval_shape(init_fn)
+    abstract = jax.eval_shape(_init_fn(config, task, tx))
     state_sharding = sharding.state_shardings(abstract, mesh, task.sharding_rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    batch_sharding = sharding.batch_sharding(mesh)
+    distributed.check_batch_split(batch_sharding, config.batch_size)
+    return Experiment(config, mesh, dataset, task, tx, abstract, state_sharding, batch_sharding)
 
-    if options.fresh:
-        _clear_for_fresh(workdir / "checkpoints", options.overwrite)
-    checkpoints = CheckpointManager(workdir, config)
-    start = find_start(
-        config, checkpoints, abstract, jax.jit(init_fn, out_shardings=state_sharding),
+
+def _init_fn(config: ml_collections.ConfigDict, task: Task, tx: optax.GradientTransformation):
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    return lambda: TrainState.create(task.init(jax.random.wrap_key_data(rng)), tx, rng)
+
+
+def restore_or_init(experiment: Experiment, checkpoints: CheckpointManager, options: RunOptions) -> Start:
+    """The starting state, in this order: the workdir's latest good step, --resume_from, --init_from (params into
+    a fresh state), scratch. Restored states land in the experiment's shardings, whatever mesh saved them."""
+    return find_start(
+        experiment.config, checkpoints, experiment.abstract_state, experiment.init_state,
         resume_from=options.resume_from, init_from=options.init_from, partial=options.partial,
         hf_token=options.hf_token,
     )
+
+
+def train_loop(experiment: Experiment, workdir: epath.Path, checkpoints: CheckpointManager, start: Start, *,
+               fresh: bool = False) -> TrainResult:
+    """Step, log, evaluate, save, from `start` to `num_steps`; stop early (after a save) on SIGTERM/SIGINT or
+    the walltime budget; at the end mark `final` and write the exports."""
+    config, task = experiment.config, experiment.task
     state = start.state
     step = int(jax.device_get(state.step))
-    _write_config(workdir, config)
     if step >= config.num_steps and start.resumed:
         print(f"trainkit: already trained to step {step} (num_steps={config.num_steps}); nothing to do. "
               "Raise --config.num_steps to train further.", flush=True)
@@ -112,55 +153,48 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, options: RunOpt
         checkpoints.close()
         return TrainResult(step, state, {}, None)
     if jax.process_index() == 0:
-        print(f"trainkit: {task.name} on {dict(mesh.shape)} ({jax.device_count()} devices); "
+        print(f"trainkit: {task.name} on {dict(experiment.mesh.shape)} ({jax.device_count()} devices); "
               f"start: {start.origin}{' ' + start.source if start.source else ''} at step {step}", flush=True)
 
-    batches = TrainBatches(dataset.train, config.batch_size, config.seed,
+    batches = TrainBatches(experiment.dataset.train, config.batch_size, config.seed,
                            jax.process_index(), jax.process_count())
     if start.data_state:
         batches.set_state(start.data_state)
-    batch_sharding = sharding.batch_sharding(mesh)
-    distributed.check_batch_split(batch_sharding, config.batch_size)
-    train_step = jax.jit(
-        _make_train_step(task, tx),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(_make_eval_step(task), out_shardings=sharding.replicated(mesh))
+    replicated = sharding.replicated(experiment.mesh)
+    train_step = jax.jit(make_train_step(task, experiment.tx), in_shardings=(experiment.state_sharding,
+                         experiment.batch_sharding), out_shardings=(experiment.state_sharding, replicated),
+                         donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(task), out_shardings=replicated)
 
-    wandb_run = start_wandb(config, workdir, start, step, fresh=options.fresh)  # reads metrics.jsonl: first
+    wandb_run = start_wandb(config, workdir, start, step, fresh=fresh)  # reads metrics.jsonl: first
     writer = MetricsWriter(workdir, step, resumed=start.resumed, wandb_run=wandb_run)
     progress = Progress(config.progress, step, config.num_steps)
     stops = StopRequests(config.walltime).install()
     meta = CheckpointMeta(model=task.name, step=step, best=start.meta.best if start.meta is not None else None,
                           wandb_run_id=wandb_run.id if wandb_run is not None else None)
-    pending: list[dict[str, jax.Array]] = []
+    window = TrainWindow(step)
     last_metrics: dict[str, float] = {}
     stopped_by = None
     saved_step = step if start.resumed else None
-    t_log, step_at_log = time.perf_counter(), step
     try:
         while step < config.num_steps:
             stopped_by = stops.reason(checkpoints.last_blocked_s, step)
             if stopped_by:
                 break
-            batch = sharding.global_batch(next(batches), batch_sharding)
+            batch = sharding.global_batch(next(batches), experiment.batch_sharding)
             state, metrics = train_step(state, batch)
             step += 1
-            pending.append(metrics)
+            window.add(metrics)
             if itstime(step, config.log_every, config.num_steps):
-                train = {f"train/{k}": float(v) for k, v in _mean(pending).items()}
-                now = time.perf_counter()
-                train["steps_per_sec"] = (step - step_at_log) / (now - t_log)
-                t_log, step_at_log, pending = now, step, []
+                train = window.flush(step)
                 writer.write(step, train)
                 last_metrics.update(train)
             elif step % BLOCK_EVERY == 0:
                 jax.block_until_ready(metrics)
             eval_metrics = None
             if itstime(step, config.eval_every, config.num_steps):
-                eval_metrics = evaluate(eval_step, state.params, dataset.eval, config.batch_size, batch_sharding)
+                eval_metrics = evaluate(eval_step, state.params, experiment.dataset.eval, config.batch_size,
+                                        experiment.batch_sharding)
                 writer.write(step, eval_metrics)
                 last_metrics.update(eval_metrics)
             if itstime(step, config.log_every, config.num_steps) or eval_metrics is not None:
@@ -189,6 +223,26 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, options: RunOpt
     return TrainResult(step, state, last_metrics, stopped_by)
 
 
+class TrainWindow:
+    """The train metrics of the steps since the last log line, and the throughput over them."""
+
+    def __init__(self, step: int):
+        self.pending: list[dict[str, jax.Array]] = []
+        self.since, self.step = time.perf_counter(), step
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self.pending.append(metrics)  # device arrays: reading them here would wait for every step
+
+    def flush(self, step: int) -> dict[str, float]:
+        """{"train/<name>": mean over the window, "steps_per_sec": ...}; starts the next window."""
+        host = jax.device_get(self.pending)
+        values = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+        now = time.perf_counter()
+        values["steps_per_sec"] = (step - self.step) / (now - self.since)
+        self.pending, self.since, self.step = [], now, step
+        return values
+
+
 def evaluate(eval_step, params, source, batch_size: int, batch_sharding) -> dict[str, float]:
     """Masked means of the task's per-example metrics over the whole eval set."""
     sums: dict[str, float] = {}
@@ -202,7 +256,8 @@ def evaluate(eval_step, params, source, batch_size: int, batch_sharding) -> dict
     return {f"eval/{k}": v / max(count, 1.0) for k, v in sums.items()}
 
 
-def _make_train_step(task: Task, tx: optax.GradientTransformation):
+def make_train_step(task: Task, tx: optax.GradientTransformation):
+    """The functional train step `(state, batch) -> (state, metrics)`; per-step randomness is fold_in(rng, step)."""
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
@@ -214,18 +269,14 @@ def _make_train_step(task: Task, tx: optax.GradientTransformation):
     return train_step
 
 
-def _make_eval_step(task: Task):
+def make_eval_step(task: Task):
+    """`(params, batch) -> ({metric: masked sum}, count)`; `evaluate` turns the sums into means."""
     def eval_step(params, batch):
         mask = batch["mask"]
         values = task.evaluate(params, {k: v for k, v in batch.items() if k != "mask"})
         return {k: jnp.sum(v * mask) for k, v in values.items()}, jnp.sum(mask)
 
     return eval_step
-
-
-def _mean(metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
-    host = jax.device_get(metrics)
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
 def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:

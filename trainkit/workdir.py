@@ -22,7 +22,7 @@ from pathlib import Path
 
 from etils import epath
 
-from trainkit.paths import is_local
+from trainkit.paths import default_cache_dir, is_local
 from trainkit.errors import TrainkitError
 
 LOCK_FILE = ".trainkit.lock"
@@ -88,8 +88,6 @@ def staging_dir(workdir: epath.Path) -> pathlib.Path:
     """The local directory that stands in for a gs:// workdir's small files; the workdir itself when local."""
     if is_local(workdir):
         return pathlib.Path(workdir)
-    from trainkit.sources import default_cache_dir
-
     key = hashlib.sha256(os.fspath(workdir).encode()).hexdigest()[:16]
     path = default_cache_dir() / "workdirs" / f"{workdir.name}-{key}"
     path.mkdir(parents=True, exist_ok=True)

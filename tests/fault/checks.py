@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from conftest import ROOT, cli_env
 
-from trainkit.aliases import list_steps, step_dir_name
-from trainkit.manifest import verify_manifest
+from trainkit.checkpoints.layout import list_steps, step_dir_name
+from trainkit.checkpoints.manifest import verify_manifest
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -55,7 +55,7 @@ def assert_only_complete_steps(checkpoints: Path) -> list[int]:
 def state_arrays(workdir: Path, step: int) -> list[np.ndarray]:
     import jax
 
-    from trainkit.checkpointing import read_state_arrays
+    from trainkit.checkpoints.manager import read_state_arrays
 
     return jax.tree.leaves(read_state_arrays(Path(workdir) / "checkpoints" / step_dir_name(step)))
 

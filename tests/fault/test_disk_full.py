@@ -16,8 +16,8 @@ from checks import (assert_only_complete_steps, assert_same_state, can_mount, di
                     unfinished_saves)
 from conftest import ROOT, assert_user_error, cli_env, run_cli, train, tree_hash
 
-from trainkit.aliases import list_steps, read_alias
-from trainkit.metrics import read_metrics
+from trainkit.checkpoints.layout import list_steps, read_alias
+from trainkit.logging.metrics import read_metrics
 
 pytestmark = pytest.mark.fault
 
@@ -92,7 +92,7 @@ def test_sync_save_after_someone_else_filled_the_disk(tmp_path):
 # Runs trainkit.main with the manifest write failing once with ENOSPC (the Orbax save itself succeeded).
 INJECT_ENOSPC_IN_MANIFEST = """
 import errno, os, sys
-import trainkit.checkpointing as checkpointing
+import trainkit.checkpoints.manager as checkpointing
 real, calls = checkpointing.write_manifest, []
 def write_manifest(step_dir, **kw):
     calls.append(step_dir)

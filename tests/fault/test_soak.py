@@ -17,8 +17,8 @@ import pytest
 from checks import (TMP_MARK, assert_only_complete_steps, assert_same_state, dir_bytes, start_training,
                     unfinished_saves)
 
-from trainkit.aliases import list_steps, read_alias, step_dir_name
-from trainkit.metrics import read_metrics
+from trainkit.checkpoints.layout import list_steps, read_alias, step_dir_name
+from trainkit.logging.metrics import read_metrics
 
 pytestmark = pytest.mark.fault
 

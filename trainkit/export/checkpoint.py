@@ -92,12 +92,12 @@ def load_params_and_task(step_dir: Path) -> tuple[Task, Any, dict[str, Any]]:
     """The Task (from the step's own train_config.json) and its params as host arrays."""
     import ml_collections
 
-    from trainkit.checkpointing import read_meta, read_state_arrays, read_step_config
+    from trainkit.checkpoints.manager import read_state_arrays, read_step_info
     from trainkit.data import load_dataset
     from trainkit.models import build_task
 
-    config = ml_collections.ConfigDict(read_step_config(step_dir))
-    meta = read_meta(step_dir)
+    info = read_step_info(step_dir)
+    config, meta = ml_collections.ConfigDict(info.config), info.meta
     task = build_task(config, load_dataset(config.data).info)
     return task, read_state_arrays(step_dir)["params"], {"config": config.to_dict(), "model": meta.model}
 
@@ -115,7 +115,7 @@ def write_sidecar(path: Path, entry: Mapping[str, Any]) -> None:
 def export_checkpoint(source: str, out: str | Path, *, hf_token: str | None = None, tolerance: float = 1e-5,
                       overwrite: bool = False, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """`python -m trainkit.export SOURCE -o OUT`: resolve, load, export, check, write the sidecar."""
-    from trainkit.sources import resolve_source
+    from trainkit.checkpoints.sources import resolve_source
     from trainkit.workdir import prepare_output
 
     out = Path(absolute_path(out))
@@ -137,9 +137,10 @@ def export_final(workdir: epath.Path, step_dir: epath.Path, config, task: Task) 
     """End of training: W/export/model.ckpt (the packed final step) beside each format in export.formats.
     For a gs:// workdir the step is copied here, exported into the local staging dir, then uploaded."""
     from trainkit.paths import is_local
-    from trainkit.checkpointing import read_state_arrays
-    from trainkit.packing import pack
-    from trainkit.sources import copy_step_dir, default_cache_dir
+    from trainkit.checkpoints.manager import read_state_arrays
+    from trainkit.checkpoints.packing import pack
+    from trainkit.checkpoints.sources import copy_step_dir
+    from trainkit.paths import default_cache_dir
     from trainkit.workdir import Staged
 
     workdir = epath.Path(workdir)

@@ -27,8 +27,8 @@ import uuid
 
 from etils import epath
 
-from trainkit import fetching
-from trainkit.aliases import (
+from trainkit.checkpoints import fetching
+from trainkit.checkpoints.layout import (
     MAX_ALIAS_BYTES,
     find_step_dir,
     is_complete_step_dir,
@@ -39,9 +39,9 @@ from trainkit.aliases import (
     step_dir_name,
 )
 from trainkit.errors import TrainkitError
-from trainkit.manifest import MANIFEST_NAME, list_files, verify_manifest
-from trainkit.packing import read_pack_info, unpack
-from trainkit.paths import absolute_path
+from trainkit.checkpoints.manifest import MANIFEST_NAME, list_files, verify_manifest
+from trainkit.checkpoints.packing import read_pack_info, unpack
+from trainkit.paths import absolute_path, default_cache_dir
 
 _TMP_DIR_MARK = ".orbax-checkpoint-tmp"
 _STEP_FILES = ("_CHECKPOINT_METADATA", MANIFEST_NAME)
@@ -63,11 +63,7 @@ class ResolvedSource:
     origin: str
     kind: str
     sha256: str | None = None
-
-
-def default_cache_dir() -> pathlib.Path:
-    """`$TRAINKIT_CACHE` if set, else `~/.cache/trainkit`."""
-    return pathlib.Path(os.environ.get("TRAINKIT_CACHE") or "~/.cache/trainkit").expanduser()
+    workdir: pathlib.Path | None = None  # the local workdir (holding checkpoints/) the step lies in, if any
 
 
 def resolve_source(source: str, *, hf_token: str | None = None, cache_dir: str | None = None,
@@ -186,7 +182,9 @@ def _intact(resolved: ResolvedSource, verify: bool) -> ResolvedSource:
 def _resolve_local(path: pathlib.Path, origin: str, cache: pathlib.Path) -> ResolvedSource:
     found, step, kind = _find_step(epath.Path(path), origin)
     if kind != "packed":
-        return ResolvedSource(pathlib.Path(os.fspath(found)).absolute(), step, origin, kind)
+        step_dir = pathlib.Path(os.fspath(found)).absolute()
+        workdir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else None
+        return ResolvedSource(step_dir, step, origin, kind, workdir=workdir)
     step_dir, sha = _unpack_cached(path, cache, shown=origin)
     return ResolvedSource(step_dir, int(step_dir.name), origin, "packed", sha)
 

@@ -17,9 +17,9 @@ import shutil
 import tarfile
 import uuid
 
-from trainkit.aliases import step_dir_name
+from trainkit.checkpoints.layout import step_dir_name
 from trainkit.errors import TrainkitError
-from trainkit.manifest import read_manifest, verify_manifest
+from trainkit.checkpoints.manifest import read_manifest, verify_manifest
 
 MARKER_NAME = "trainkit-packed.json"
 PACK_VERSION = 1

@@ -15,8 +15,9 @@ import ml_collections
 import numpy as np
 
 from trainkit import config as config_lib
-from trainkit.checkpoint_meta import CheckpointMeta
-from trainkit.checkpointing import CheckpointManager, Restored, read_state_arrays, read_step_config, restore_step
+from trainkit.checkpoints.meta import CheckpointMeta
+from trainkit.checkpoints.manager import CheckpointManager, Restored, read_state_arrays, read_step_config, restore_step
+from trainkit.checkpoints.sources import resolve_source
 from trainkit.errors import TrainkitError
 from trainkit.sharding import path_name
 
@@ -37,6 +38,7 @@ class Start:
     meta: CheckpointMeta | None  # of the restored step; None when no step was restored (scratch, init_from)
     origin: Origin
     source: str | None = None
+    source_workdir: Path | None = None  # the local workdir the restored step lies in, when it lies in one
 
     @property
     def resumed(self) -> bool:
@@ -104,20 +106,19 @@ def find_start(
     partial: bool = False,
     hf_token: str | None = None,
 ) -> Start:
-    """Decide and restore the starting state. The resolved SOURCE is read through trainkit.sources."""
-    def restored_start(step_dir: Path, origin: Origin, source: str | None) -> Start:
+    """Decide and restore the starting state. The resolved SOURCE is read through trainkit.checkpoints.sources."""
+    def restored_start(step_dir: Path, origin: Origin, source: str, source_workdir: Path | None) -> Start:
         check_compatible(step_dir, config)
         r: Restored = restore_step(step_dir, abstract_state)
-        return Start(r.state, r.data_state, r.meta, origin, source)
+        return Start(r.state, r.data_state, r.meta, origin, source, source_workdir)
 
-    if resume_from or init_from:
-        from trainkit.sources import resolve_source
     if resume_from:
         resolved = resolve_source(resume_from, hf_token=hf_token)
-        return restored_start(resolved.step_dir, Origin.RESUME_FROM, resolved.origin)
+        return restored_start(resolved.step_dir, Origin.RESUME_FROM, resolved.origin, resolved.workdir)
     step = checkpoints.latest_good_step()
     if step is not None:
-        return restored_start(checkpoints.step_dir(step), Origin.WORKDIR, str(checkpoints.step_dir(step)))
+        step_dir = checkpoints.step_dir(step)
+        return restored_start(step_dir, Origin.WORKDIR, str(step_dir), None)
     state = init_state()
     if init_from:
         resolved = resolve_source(init_from, hf_token=hf_token)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from etils import epath
 
-from trainkit.aliases import write_atomically
+from trainkit.checkpoints.layout import write_atomically
 from trainkit.paths import is_local
 
 MANIFEST_NAME = "manifest.json"

@@ -34,8 +34,8 @@ from etils import epath
 
 from trainkit import config as config_lib
 from trainkit.errors import TrainkitError
-from trainkit.metrics import read_metrics
-from trainkit.resume import Origin, Start
+from trainkit.logging.metrics import read_metrics
+from trainkit.checkpoints.resume import Origin, Start
 from trainkit.workdir import display_name, staging_dir
 
 RUN_ID_FILE = "wandb_run_id"
@@ -111,24 +111,13 @@ def _choose_run(workdir: epath.Path, start: Start, step: int, fresh: bool) -> st
     restored = start.meta.wandb_run_id if start.meta is not None else None  # None unless resumed
     if os.environ.get("WANDB_RUN_ID"):
         run_id = os.environ["WANDB_RUN_ID"]
-    elif restored and start.origin is Origin.RESUME_FROM and _last_step(_source_workdir(start.source)) > step:
+    elif restored and start.origin is Origin.RESUME_FROM and _last_step(start.source_workdir) > step:
         run_id = new_run_id()
         print(f"trainkit: W&B run {restored} already has steps after {step}; logging this branch as the new "
               f"W&B run {run_id}", flush=True)
     else:
         run_id = restored or here or new_run_id()
     return run_id
-
-
-def _source_workdir(source: str | None) -> Path | None:
-    """The local workdir a SOURCE lies in (workdir, checkpoints dir, step dir or alias), else None."""
-    if not source or "://" in source:
-        return None
-    path = Path(source).expanduser().absolute()
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "checkpoints").is_dir():
-            return candidate
-    return None
 
 
 def _last_step(workdir: Path | None) -> int:

@@ -1,6 +1,6 @@
 """Bring remote bytes into the trainkit cache: atomically, resumably (HTTP Range), size- and hash-checked.
 
-Only `trainkit.sources` uses this. Every path written is inside the cache dir: names are sanitized and
+Only `trainkit.checkpoints.sources` uses this. Every path written is inside the cache dir: names are sanitized and
 checked, and a finished file appears only by rename from its `.part` file.
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from etils import epath
 
 from trainkit.errors import TrainkitError
-from trainkit.manifest import file_sha256
+from trainkit.checkpoints.manifest import file_sha256
 
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60

@@ -7,7 +7,7 @@ thread, so the loop never waits on I/O; a step is *good* when its manifest verif
 
 Retention keeps the union of the last `keep_last`, the best `keep_best` by `best_metric`, and every `keep_every`-th
 step (an AnyPreservationPolicy: Orbax's own best_fn + max_to_keep would delete the latest step when it is not
-among the best). Aliases `last`/`best`/`final` are pointer files (see trainkit.sources). The manager is the one
+among the best). Aliases `last`/`best`/`final` are pointer files (checkpoints.layout). The manager is the one
 owner of "best": it decides when an eval is a new best (`improved_best`), keeps the best steps and writes `best`.
 """
 
@@ -30,10 +30,10 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from trainkit import config as config_lib
 from trainkit import distributed
-from trainkit.checkpoint_meta import FORMAT_VERSION, Best, CheckpointMeta, check_readable
+from trainkit.checkpoints.meta import FORMAT_VERSION, Best, CheckpointMeta, check_readable
 from trainkit.errors import TrainkitError, is_disk_full
-from trainkit.manifest import list_files, verify_manifest, write_manifest
-from trainkit.aliases import list_steps, step_dir_name, write_alias
+from trainkit.checkpoints.manifest import list_files, verify_manifest, write_manifest
+from trainkit.checkpoints.layout import list_steps, step_dir_name, write_alias
 from trainkit.paths import is_local
 
 CONFIG_FILE = "train_config.json"
@@ -51,6 +51,21 @@ class Restored:
     meta: CheckpointMeta
     step: int
     step_dir: epath.Path
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """A step's small files, read once: its resolved config and its meta (format version checked first)."""
+
+    step_dir: epath.Path
+    config: dict[str, Any]
+    meta: CheckpointMeta
+
+
+def read_step_info(step_dir: epath.PathLike) -> StepInfo:
+    """Config and meta of a finished step (not its arrays: `read_state_arrays` or `restore_step` read those)."""
+    config = read_step_config(step_dir)  # first: a directory without it is not a trainkit step at all
+    return StepInfo(epath.Path(step_dir), config, read_meta(step_dir))
 
 
 def read_step_config(step_dir: epath.PathLike) -> dict[str, Any]:
