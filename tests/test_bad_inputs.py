@@ -30,6 +30,8 @@ from test_remote import closed_port, hub_handler, serving
 
 from trainkit.workdir import LOCK_FILE
 
+pytestmark = pytest.mark.slow  # ~70 fresh interpreters (~90 s): CI runs them; the inner loop skips them
+
 MAIN, EXPORT, CKPT, PLOT = "trainkit.main", "trainkit.export", "trainkit.ckpt", "trainkit.plot"
 DEFAULT = "--config=configs/default.py"
 SHORT = ("--config.num_steps=20", "--config.batch_size=32", "--config.log_every=10", "--config.eval_every=10",

@@ -147,6 +147,7 @@ def test_safetensors_of_8_device_checkpoint_is_consolidated(tmp_path):
     del jax
 
 
+@pytest.mark.slow
 def test_ase_md_with_only_the_pt(tmp_path):
     workdir = tmp_path / "pot"
     train(workdir, "--config.num_steps=40", "--config.log_every=20", "--config.eval_every=40", FORMATS,

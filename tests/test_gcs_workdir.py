@@ -121,6 +121,7 @@ def test_gs_workdir_survives_a_kill_mid_upload_and_ends_bit_exact(gcs, reference
     assert {n: gcs.read(BUCKET, n) for n in gcs.names(BUCKET, "runs/K/checkpoints/")} == before
 
 
+@pytest.mark.slow
 def test_fresh_overwrite_clears_a_gs_workdir(gcs, tmp_path):
     workdir = f"gs://{BUCKET}/runs/F"
     env = gcs_env(gcs, tmp_path / "cache")

@@ -177,6 +177,7 @@ def test_two_processes_on_a_gs_workdir(reference, tmp_path):
     assert writers == {"0", "1"}, step_files  # both processes wrote their shards
 
 
+@pytest.mark.slow
 def test_saved_by_two_processes_resumed_by_one(reference, two_processes, tmp_path):
     """2 processes x 4 devices save; 1 process x 2 devices resumes (resharded) and ends where the reference ends."""
     workdir, _ = two_processes

@@ -151,6 +151,7 @@ def train_args(workdir: Path, *extra: str, config: str = "configs/default.py") -
     return ("-m", "trainkit.main", f"--config={config}", f"--workdir={workdir}", *SHORT, *extra)
 
 
+@pytest.mark.slow
 def test_every_load_path_runs_without_pickle(guarded):
     root = guarded.root
     w, pot = root / "W", root / "pot"

@@ -144,6 +144,7 @@ def test_damaged_latest_step_is_skipped(reference, tmp_path):
     assert "at step 30" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [2, 1])
 def test_resume_onto_other_device_count(tmp_path, devices):
     """Saved on 8 devices (data=4, fsdp=2), resumed on 2 and on 1 with the same global batch."""
@@ -192,6 +193,7 @@ def test_checkpoint_of_another_model(trained, tmp_path):
     assert tree_hash(trained) == before
 
 
+@pytest.mark.slow
 def test_structural_change_refused_and_partial_init(trained, tmp_path):
     proc = train(trained, *RUN, "--config.num_steps=50", "--config.model.hidden=64", check=False)
     assert_user_error(proc, "model.hidden")

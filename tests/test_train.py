@@ -27,6 +27,7 @@ def test_default_config_pulse(tmp_path):
     assert list((tmp_path / "tensorboard").iterdir()), "no TensorBoard event file"
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_bit_for_bit(tmp_path):
     args = ("--config.num_steps=12", "--config.log_every=1", "--config.eval_every=100", "--config.checkpoint.every=0")
     train(tmp_path / "a", *args)
@@ -41,6 +42,7 @@ def test_mlp_variant_trains(tmp_path):
     assert json.loads((tmp_path / "train_config.json").read_text())["model"]["name"] == "mlp"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/default.py", "configs/lm_chars.py:tiny"])
 def test_8_device_mesh_matches_1_device(tmp_path, config):
     """data=2, fsdp=2, model=2 on 8 fake devices gives the 1-device losses up to summation order (the

@@ -124,6 +124,7 @@ def resumed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return workdir, env
 
 
+@pytest.mark.slow
 def test_sigterm_and_resume_is_one_wandb_run_without_duplicate_steps(resumed):
     from trainkit.checkpoints.manager import read_meta
 
@@ -138,6 +139,7 @@ def test_sigterm_and_resume_is_one_wandb_run_without_duplicate_steps(resumed):
     assert_rows_match_metrics(workdir, [row for _, rows in segments for row in rows])
 
 
+@pytest.mark.slow
 def test_kill_between_saves_resumes_logging_at_the_restored_step(tmp_path):
     """SIGKILL after step 14 (last checkpoint 10, normally). W&B's offline writer had not flushed the killed
     segment; the restart continues the same run and logs from the restored step on, with the recomputed (identical)
@@ -154,6 +156,7 @@ def test_kill_between_saves_resumes_logging_at_the_restored_step(tmp_path):
     assert_rows_match_metrics(workdir, segments[1][1])
 
 
+@pytest.mark.slow
 def test_resume_from_latest_continues_and_from_older_step_branches(resumed, tmp_path):
     workdir, env = resumed
     proc = train(tmp_path / "more", *RUN, "--config.num_steps=44", f"--resume_from={workdir}", env=env)

@@ -60,12 +60,6 @@ def base_config() -> ml_collections.ConfigDict:
 # Keys whose change alters the parameter shapes/structure, so a checkpoint cannot be resumed under them.
 STRUCTURAL_PREFIXES = ("model.", "data.name", "data.cutoff", "data.seq_len")
 
-# Keys that may change when resuming (learning rate, schedule length, cadence, data options, logging).
-RESUMABLE_PREFIXES = (
-    "num_steps", "learning_rate", "warmup_steps", "weight_decay", "grad_clip_norm", "log_every", "eval_every",
-    "walltime", "progress", "checkpoint.", "export.", "wandb.", "data.", "mesh.", "batch_size",
-)
-
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """A JSON-ready plain dict (tuples become lists)."""

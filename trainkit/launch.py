@@ -77,7 +77,6 @@ class Launcher:
         self.procs: list[subprocess.Popen] = []
         self._lock = threading.Lock()
         self._pumps: list[threading.Thread] = []
-        self.forwarded: str | None = None
 
     def _pump(self, index: int, stream: IO[str], out: IO[str]) -> None:
         for line in stream:
@@ -89,7 +88,6 @@ class Launcher:
         stream.close()
 
     def _forward(self, signum: int, frame: FrameType | None) -> None:
-        self.forwarded = signal.Signals(signum).name
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
