@@ -66,15 +66,16 @@ def test_readme_commands_run_verbatim_from_a_copy_of_the_repo(tmp_path):
     scratch = repo_copy(tmp_path)
     env = cli_env(TRAINKIT_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path / "home"))
     env.pop("PYTHONPATH")  # `python -m trainkit...` from the clone's root imports the clone's package
+    commands = readme_commands()
     outputs, best_at_30 = [], None
-    for number, command in readme_commands():
+    for number, command in commands:
         ran = shrink(command)
         proc = subprocess.run(["bash", "-c", ran], cwd=scratch, env=env, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, f"README.md:{number}: {ran}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         assert "Traceback" not in proc.stderr, proc.stderr
         outputs.append(proc.stdout)
-        if command == readme_commands()[0][1]:
+        if command == commands[0][1]:
             check_quick_start(scratch / "runs" / "digits", final=30)
             best_at_30 = read_alias(scratch / "runs" / "digits" / "checkpoints", "best")
     workdir = scratch / "runs" / "digits"

@@ -156,7 +156,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-PATH_ARGUMENTS = ("workdir", "source", "a", "b", "output")  # made absolute before any command sees them
+# The paths the commands use themselves, made absolute before any command sees them (SOURCE arguments are made
+# absolute by resolve_source, the one place that reads them).
+PATH_ARGUMENTS = ("workdir", "output")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,7 +111,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"export.formats has {sorted(unknown)}; use any of {', '.join(map(repr, FORMATS))}"
         )
     for name in config.export.formats:
-        needs = FORMATS[name].needs
-        if needs is not None and not needs.installed():
+        if needs := FORMATS[name].missing():
             raise TrainkitError(f"export.formats asks for {name!r} but {needs.name} is not installed: "
                                 f"pip install 'trainkit[{needs.extra}]', or drop {name!r} from --config.export.formats")

@@ -1,8 +1,11 @@
 """Paths as users type them, made absolute once at the boundary (command line, Python API).
 
 Orbax (and every later `os.chdir`, subprocess or thread) needs absolute paths; users type `runs/digits`,
-`./runs/x/` or `~/runs/x`. The command modules call `absolute_path` on every path argument before anything else
-sees it, so nothing below them handles a relative path. URLs (`gs://`, `https://`, `hf://`, ...) pass through.
+`./runs/x/` or `~/runs/x`. Each path is made absolute once, by the first function that takes it from a person:
+the public entry points (`train_and_evaluate`, `resolve_source` for every SOURCE, `export_checkpoint`,
+`plot_runs`), which the commands call, and the commands themselves for paths they use directly (`ckpt ls` and
+`pack -o`, the flags `launch` passes on). Nothing below them sees a relative path. URLs (`gs://`, `https://`,
+`hf://`, ...) pass through.
 """
 
 from __future__ import annotations

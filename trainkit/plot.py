@@ -194,8 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
-    workdirs = [absolute_path(w) for w in args.workdirs]
-    fig = plot_runs(workdirs, absolute_path(args.output), labels=args.label, metrics=metrics, logy=args.logy)
+    fig = plot_runs(args.workdirs, args.output, labels=args.label, metrics=metrics, logy=args.logy)
     panels = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     print(f"wrote {args.output}: {', '.join(panels)} of {len(args.workdirs)} run(s)")
     return 0

@@ -12,9 +12,13 @@ Aliases are files rather than symlinks so that they work on gs://. Every functio
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pathlib
 import re
+import shutil
 import uuid
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -114,6 +118,19 @@ def write_alias(checkpoints_dir: epath.PathLike, name: str, step: int) -> None:
     checkpoints_dir = epath.Path(checkpoints_dir)
     target = checkpoints_dir / name
     write_atomically(target, step_dir_name(step) + "\n")
+
+
+@contextlib.contextmanager
+def directory_atomically(final: pathlib.Path, purpose: str) -> Iterator[pathlib.Path]:
+    """A temporary directory beside local `final` to fill in the block; renamed to `final` when the block ends
+    without an error and removed otherwise, so that `final` appears only complete (an unpack, a copy)."""
+    tmp = final.parent / f".{final.name}.{purpose}-{uuid.uuid4().hex}"
+    try:
+        yield tmp
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_atomically(target: epath.Path, text: str) -> None:

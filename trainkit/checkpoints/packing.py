@@ -13,11 +13,10 @@ import json
 import os
 import pathlib
 import posixpath
-import shutil
 import tarfile
 import uuid
 
-from trainkit.checkpoints.layout import step_dir_name
+from trainkit.checkpoints.layout import directory_atomically, step_dir_name
 from trainkit.errors import TrainkitError
 from trainkit.checkpoints.manifest import read_manifest, verify_manifest
 
@@ -158,8 +157,7 @@ def unpack(file: os.PathLike | str, dest_dir: os.PathLike | str) -> pathlib.Path
         if final.exists():
             raise TrainkitError(f"cannot unpack {file}: {final} already exists; delete it or unpack elsewhere")
         dest_dir.mkdir(parents=True, exist_ok=True)
-        tmp = dest_dir / f".{final.name}.unpacking-{uuid.uuid4().hex}"
-        try:
+        with directory_atomically(final, "unpacking") as tmp:
             try:
                 tar.extractall(tmp, members=members, filter="data")
             except (tarfile.TarError, EOFError, OSError) as e:
@@ -175,8 +173,4 @@ def unpack(file: os.PathLike | str, dest_dir: os.PathLike | str) -> pathlib.Path
                 first = problems[0].replace(f"{tmp}{os.sep}", "")
                 more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
                 raise TrainkitError(f"packed checkpoint {file} is damaged: {first}{more}; download or pack it again")
-            os.rename(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
     return final

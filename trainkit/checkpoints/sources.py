@@ -21,18 +21,16 @@ import hashlib
 import os
 import pathlib
 import re
-import shutil
 import urllib.parse
-import uuid
 
 from etils import epath
 
 from trainkit.checkpoints import fetching
 from trainkit.checkpoints.layout import (
     MAX_ALIAS_BYTES,
+    directory_atomically,
     find_step_dir,
     is_complete_step_dir,
-    is_local,
     list_steps,
     parse_alias,
     read_alias,
@@ -41,7 +39,7 @@ from trainkit.checkpoints.layout import (
 from trainkit.errors import TrainkitError
 from trainkit.checkpoints.manifest import MANIFEST_NAME, list_files, verify_manifest
 from trainkit.checkpoints.packing import read_pack_info, unpack
-from trainkit.paths import absolute_path, default_cache_dir
+from trainkit.paths import absolute_path, default_cache_dir, is_local
 
 _TMP_DIR_MARK = ".orbax-checkpoint-tmp"
 _STEP_FILES = ("_CHECKPOINT_METADATA", MANIFEST_NAME)
@@ -77,7 +75,7 @@ def resolve_source(source: str, *, hf_token: str | None = None, cache_dir: str |
     source = absolute_path(os.fspath(source).strip())
     if not source:
         raise TrainkitError("the checkpoint SOURCE is empty; pass a workdir, step dir, model.ckpt file or URL")
-    cache = (pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()).absolute()
+    cache = pathlib.Path(absolute_path(cache_dir)) if cache_dir else default_cache_dir()
     scheme = urllib.parse.urlsplit(source).scheme.lower() if "://" in source else ""
     if scheme == "hf":
         return _resolve_hf(source, hf_token or os.environ.get("HF_TOKEN") or None, cache)
@@ -93,7 +91,7 @@ def resolve_source(source: str, *, hf_token: str | None = None, cache_dir: str |
             f"checkpoint SOURCE {fetching.redact_url(source)} uses the unsupported scheme {scheme}://; "
             "use a local path, https://, hf:// or gs://"
         )
-    return _intact(_resolve_local(pathlib.Path(source).expanduser(), source, cache), verify)
+    return _intact(_resolve_local(pathlib.Path(source), source, cache), verify)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,14 +328,9 @@ def copy_step_dir(remote: epath.Path, cache: pathlib.Path) -> pathlib.Path:
     with fetching.locked(cache / "locks" / f"gs-{key}.lock"):
         if done.is_dir():
             return done
-        tmp = done.with_name(f".{done.name}.copying-{uuid.uuid4().hex}")
-        try:
+        with directory_atomically(done, "copying") as tmp:
             for rel in list_files(remote):
                 fetching.copy_file(remote / rel, fetching.inside(tmp, rel), shown=f"{remote}/{rel}")
             if (tmp / MANIFEST_NAME).exists() and (problems := verify_manifest(tmp)):
                 raise TrainkitError(f"the copy of {remote} fails its manifest ({problems[0]}); try again")
-            os.rename(tmp, done)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
     return done

@@ -13,7 +13,6 @@ from typing import Sequence
 
 from trainkit.errors import ArgumentParser, exits_cleanly
 from trainkit.export.formats import FORMATS
-from trainkit.paths import absolute_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.set_verbosity(logging.ERROR)
     from trainkit.export.checkpoint import export_checkpoint
 
-    export_checkpoint(absolute_path(args.source), absolute_path(args.output), hf_token=args.hf_token,
-                      tolerance=args.tolerance, overwrite=args.overwrite)
+    export_checkpoint(args.source, args.output, hf_token=args.hf_token, tolerance=args.tolerance,
+                      overwrite=args.overwrite)  # it makes SOURCE and OUT absolute (trainkit.paths)
     return 0
 
 

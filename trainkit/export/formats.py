@@ -83,10 +83,13 @@ class Format:
     needs: Requirement | None = None
     runs_model: bool = True  # False for weights: no forces output in the signature
 
+    def missing(self) -> Requirement | None:
+        """The optional package this format needs and this environment lacks, or None."""
+        return self.needs if self.needs is not None and not self.needs.installed() else None
+
     def require(self) -> None:
-        if self.needs is not None and not self.needs.installed():
-            raise TrainkitError(f"exporting {self.suffix} needs {self.needs.name}: "
-                                f"pip install 'trainkit[{self.needs.extra}]'")
+        if needs := self.missing():
+            raise TrainkitError(f"exporting {self.suffix} needs {needs.name}: pip install 'trainkit[{needs.extra}]'")
 
 
 def _imported(module: str, function: str) -> Writer:
