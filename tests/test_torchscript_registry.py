@@ -14,7 +14,7 @@ import trainkit.export.torchscript as torchscript
 from trainkit.errors import TrainkitError
 from trainkit.export.torchscript.emitter import Emitter, rule_table
 from trainkit.export.torchscript.registry import FUSION_PASSES, RULES
-from trainkit.export.torchscript.rules import calls, contraction, control_flow, elementwise, indexing, shapes
+from trainkit.export.torchscript.rules import calls, contraction, control_flow, elementwise, indexing, random, shapes
 
 PACKAGE = torchscript.__name__
 LAYERS = ("emitter", "rules", "fusion", "registry", "api", "")  # "": the package's __init__
@@ -87,7 +87,8 @@ def test_the_converter_imports_form_no_cycle_and_each_layer_imports_only_lower_o
 
 
 def test_every_primitive_has_exactly_one_rule_and_every_rule_is_callable():
-    tables = [elementwise.RULES, shapes.RULES, contraction.RULES, indexing.RULES, calls.RULES, control_flow.RULES]
+    tables = [elementwise.RULES, shapes.RULES, contraction.RULES, indexing.RULES, calls.RULES, control_flow.RULES,
+              random.RULES]
     assert sum(len(t) for t in tables) == len(RULES)  # no name is in two tables
     assert all(callable(rule) for rule in RULES.values())
     assert {"pjit", "closed_call", "custom_jvp_call", "cond", "while", "scan", "add", "dot_general", "gather"} <= set(

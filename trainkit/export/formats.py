@@ -48,6 +48,29 @@ class Report:
         return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
 
 
+SCALE_FLOOR = 0.1  # outputs whose largest magnitude is below this are measured relative to it
+
+
+def relative_error(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """(max |got - ref|, that / max(max |ref|, SCALE_FLOOR)) in float64; NaNs in the same places count as equal,
+    a NaN or inf where JAX is finite counts as an infinite error, and a different shape raises.
+
+    The error is relative to the output's largest magnitude, so elements near zero do not blow it up; and to at
+    least SCALE_FLOOR, so that an output that is ~0 everywhere (a saturated tanh) is not a false alarm at a
+    rounding-level absolute error (an absolute tolerance of SCALE_FLOOR × the relative one).
+    """
+    import numpy as np
+
+    ref64, got64 = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    if ref64.shape != got64.shape:
+        raise TrainkitError(f"export parity: output shape {got64.shape} differs from JAX's {ref64.shape}")
+    diff = np.where(np.isnan(got64) & np.isnan(ref64), 0.0, np.abs(got64 - ref64))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    err = float(diff.max(initial=0.0))
+    finite = np.abs(ref64[np.isfinite(ref64)])
+    return err, err / max(float(finite.max(initial=0.0)), SCALE_FLOOR)
+
+
 @dataclasses.dataclass(frozen=True)
 class ArtifactSpec:
     """What one artifact is written as and checked against, computed once per export."""

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trainkit.errors import TrainkitError
-from trainkit.export.formats import ArtifactSpec, Report
+from trainkit.export.formats import ArtifactSpec, Report, relative_error
 from trainkit.models import Task
 
 TRACE_DIMS = {"batch": 2, "atoms": 8, "seq": 8}
@@ -26,15 +25,6 @@ def reference(task: Task, params: Any, args: tuple) -> tuple[np.ndarray, np.ndar
         grad = jax.grad(lambda x: jnp.sum(task.predict(params, x, *args[1:])))(args[0])
         forces = np.asarray(-grad)
     return np.asarray(first), forces
-
-
-def relative_error(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
-    """(max |got-ref|, max |got-ref| / max(max |ref|, 1e-30)) in float64."""
-    ref64, got64 = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    if ref64.shape != got64.shape:
-        raise TrainkitError(f"export parity: output shape {got64.shape} differs from JAX's {ref64.shape}")
-    err = float(np.max(np.abs(got64 - ref64), initial=0.0))
-    return err, err / max(float(np.max(np.abs(ref64), initial=0.0)), 1e-30)
 
 
 def measure(spec: ArtifactSpec, got: np.ndarray, forces: np.ndarray | None = None) -> Report:

@@ -12,7 +12,7 @@ import torch
 
 from trainkit.export.formats import ArtifactSpec, Report
 from trainkit.export.parity import TRACE_DIMS, measure
-from trainkit.export.torchscript import to_torchscript
+from trainkit.export.torchscript import call_repeatedly, to_torchscript
 from trainkit.models import Task
 
 
@@ -28,13 +28,8 @@ def write_torchscript(task: Task, params: Any, path: Path, spec: ArtifactSpec) -
         output_names=list(task.outputs), with_forces=task.has_forces, parity_tolerance=None,
     )
     tensors = [torch.from_numpy(np.array(a, copy=True)) for a in spec.args]  # keeps 0-d inputs 0-d
-    if task.has_forces:
-        energy, forces = module(*tensors)
-        report = measure(spec, energy.detach().numpy(), forces.detach().numpy())
-    else:
-        with torch.no_grad():
-            out = module(*tensors)
-        report = measure(spec, (out[0] if isinstance(out, (tuple, list)) else out).numpy())
+    out = call_repeatedly(module, tensors)
+    report = measure(spec, out[0].numpy(), out[1].numpy() if task.has_forces else None)
     embedded = {**spec.metadata, "parity": report.as_dict(), "file": spec.file}
     torch.jit.save(module, str(path), _extra_files={"model.json": json.dumps(embedded)})
     return report

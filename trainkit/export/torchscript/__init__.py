@@ -6,13 +6,14 @@
 The function is traced to a jaxpr with symbolic dimensions (`jax.export.symbolic_shape`), so the module accepts
 other sizes along the dynamic axes; the jaxpr is translated equation by equation into the source of an
 `nn.Module.forward` that `torch.jit.script` compiles, with the parameters as buffers. Gradients flow through
-the module (custom_jvp rules included), and `with_forces=True` bakes `-d(output0)/d(input0)` into `forward`.
-Every export is checked against JAX on the example inputs (`parity`).
+the module (custom_jvp rules included), and `with_forces=True` bakes JAX's own `-d(output0)/d(input0)` (its
+derivative's jaxpr, translated) into `forward`. Every export is checked against JAX, several calls each, on
+the example inputs and a second size (`parity`).
 
 Layout: `api` (these functions), `registry` (the one table of translations and fusions, and how to add to it),
 `rules/`, `fusion/`, `emitter`; see `registry`'s docstring.
 """
 
-from trainkit.export.torchscript.api import PARITY_TOLERANCE, DynamicAxes, parity, to_torchscript
+from trainkit.export.torchscript.api import PARITY_TOLERANCE, DynamicAxes, call_repeatedly, parity, to_torchscript
 
-__all__ = ["PARITY_TOLERANCE", "DynamicAxes", "parity", "to_torchscript"]
+__all__ = ["PARITY_TOLERANCE", "DynamicAxes", "call_repeatedly", "parity", "to_torchscript"]

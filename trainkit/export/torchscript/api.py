@@ -5,6 +5,7 @@ check it against JAX on the example inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import keyword
 import linecache
 import os
@@ -17,14 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from jax._src import core
+from jax._src.interpreters import partial_eval as pe
 
 from trainkit.errors import TrainkitError
-from trainkit.export.torchscript.emitter import Emitter
+from trainkit.export.formats import relative_error
+from trainkit.export.torchscript.emitter import Emitter, is_key
 from trainkit.export.torchscript.registry import RULES, plan_fusions
 
 DynamicAxes = Sequence[Mapping[int, str] | None] | Mapping[str, Mapping[int, str]]
-PARITY_TOLERANCE = 1e-4  # max_rel accepted at export; float32 translations land around 1e-6
-_TINY = 1e-30
+PARITY_TOLERANCE = 1e-4  # max_rel accepted at export in float32; translations land around 1e-6
+# By the narrowest float dtype among the inputs and outputs (parity_tolerance="auto"): bf16 keeps 8 bits.
+TOLERANCES = {"bfloat16": 3e-2, "float16": 3e-3, "float32": PARITY_TOLERANCE, "float64": 1e-9}
+REPEAT_CALLS = 3  # parity calls the module this often on each input set: it must answer the same every time
 _GENERATED_MODULE = "trainkit_torchscript"
 _script_count = 0
 
@@ -32,39 +38,48 @@ _script_count = 0
 def to_torchscript(fn: Callable[..., Any], params: Any, example_args: Sequence[Any], path: str | None = None, *,
                    dynamic_axes: DynamicAxes | None = None, input_names: Sequence[str] | None = None,
                    output_names: Sequence[str] | None = None, with_forces: bool = False,
-                   extra_files: Mapping[str, str] | None = None,
-                   parity_tolerance: float | None = PARITY_TOLERANCE) -> torch.jit.ScriptModule:
+                   extra_files: Mapping[str, str] | None = None, dim_constraints: Sequence[str] = (),
+                   parity_tolerance: float | str | None = "auto") -> torch.jit.ScriptModule:
     """Translate `fn(params, *args)` into a scripted module whose `forward(*args)` computes the same.
 
     dynamic_axes: per argument `{axis: "name"}` (a sequence aligned with `example_args`, `None` for a fully
       static argument) or a mapping from input name to such a dict; equal names must be equal sizes, e.g.
       `[{0: "batch", 1: "atoms"}, {0: "batch", 1: "atoms"}]` for positions and species.
-    with_forces: `forward` returns `(output0, forces)`, forces = -∂ sum(output0) / ∂ args[0] (autograd inside
-      TorchScript). Otherwise it returns what `fn` returns: one tensor, or a tuple of the flattened outputs.
+    dim_constraints: bounds on dynamic sizes, `"seq <= 64"` or `"batch >= 1"` (jax.export's symbolic
+      constraints): what lets a model that computes `min(64, seq)` (Hugging Face's GPT-2) trace with a dynamic
+      `seq`. The module asserts them on every call.
+    with_forces: `forward` returns `(output0, forces)`, forces = -∂ sum(output0) / ∂ args[0], computed by the
+      translation of JAX's own derivative (`with_jax_forces`), not by torch autograd: JAX's forces on every call,
+      under any TorchScript executor, from Python or C++. Otherwise `forward` returns what `fn` returns: one
+      tensor, or a tuple of the flattened outputs. Either way torch autograd also flows through the module.
     path: also `torch.jit.save` there, with `extra_files` (name -> text) embedded. The file needs only torch
       (Python or C++ libtorch); `torch.jit.load(path, map_location="cuda")` runs it on a GPU.
 
     Inputs are cast to the example dtypes (int64 token ids work); params become buffers in their own dtype.
 
-    The measured `parity(...)` on `example_args` is attached as `module.parity`; an export whose max_rel
-    exceeds `parity_tolerance` raises `TrainkitError`. `parity_tolerance=None` skips that check (and
+    The measured `parity(...)` (REPEAT_CALLS calls each, on `example_args` and on a copy one shorter along each
+    dynamic axis) is attached as `module.parity`, with the shapes checked under "sizes"; an export whose max_rel
+    exceeds `parity_tolerance` ("auto": `TOLERANCES` of the narrowest float dtype among inputs and outputs, 1e-4
+    in float32), or whose answer changes between calls, raises `TrainkitError`.
+    `parity_tolerance=None` skips that check (and
     `module.parity` is None) for a caller that checks the module itself, on other inputs
     (`trainkit.export.pt`). `output_names` are recorded as `module.output_names`.
     """
     args = tuple(np.asarray(a) for a in example_args)
     names = _input_names(input_names, len(args))
     axes = _normalize_axes(dynamic_axes, names, args)
+    bounds = _parse_constraints(dim_constraints, axes)
     if with_forces and (not args or not np.issubdtype(args[0].dtype, np.floating)):
         raise TrainkitError("with_forces=True differentiates with respect to the first input, which must be a "
                             "float array (e.g. positions)")
-    closed, n_outputs = _trace(fn, params, args, axes)
-    source, buffers = _generate(closed, params, args, names, axes, with_forces, n_outputs)
+    closed, n_outputs = _trace(with_jax_forces(fn) if with_forces else fn, params, args, axes, bounds)
+    source, buffers = _generate(closed, params, args, names, axes, bounds, n_outputs)
     module = _script(source, buffers)
-    report = None if parity_tolerance is None else parity(fn, params, module, args, with_forces=with_forces)
-    if report is not None and not report["max_rel"] <= parity_tolerance:
-        raise TrainkitError(f"TorchScript export does not match JAX on the example inputs: max_rel="
-                            f"{report['max_rel']:.3g}, max_abs={report['max_abs']:.3g} (tolerance "
-                            f"{parity_tolerance:g}); this is a converter bug, please report it with the model")
+    report = None
+    if parity_tolerance == "auto":
+        parity_tolerance = _tolerance(args, closed)
+    if parity_tolerance is not None:
+        report = _checked_parity(fn, params, module, args, axes, bounds, with_forces, parity_tolerance)
     module.parity = report
     module.input_names = list(names)
     module.output_names = list(output_names) if output_names else None
@@ -77,12 +92,13 @@ def to_torchscript(fn: Callable[..., Any], params: Any, example_args: Sequence[A
 
 
 def parity(fn: Callable[..., Any], params: Any, module: torch.nn.Module, args: Sequence[Any],
-           with_forces: bool = False) -> dict[str, float]:
-    """Compare `module(*args)` with `fn(params, *args)` in JAX (and forces when `with_forces`).
+           with_forces: bool = False, calls: int = REPEAT_CALLS) -> dict[str, float]:
+    """Compare `module(*args)`, called `calls` times, with `fn(params, *args)` in JAX (and forces when
+    `with_forces`).
 
-    Returns `{"max_abs": ..., "max_rel": ...}` over all outputs, where for each output
-    max_rel = max|torch - jax| / max(max|jax|, 1e-30): the error relative to the output's largest magnitude,
-    so elements near zero do not blow it up. NaNs in the same places count as equal.
+    Returns `{"max_abs": ..., "max_rel": ...}` over all outputs (`formats.relative_error`: relative to each
+    output's largest magnitude, at least 0.1; NaNs in the same places count as equal). Raises `TrainkitError` if
+    the module's outputs change from one call to the next (TorchScript optimizes a graph on its second call).
     """
     args = tuple(np.asarray(a) for a in args)
 
@@ -94,23 +110,127 @@ def parity(fn: Callable[..., Any], params: Any, module: torch.nn.Module, args: S
         if with_forces:
             ref = [ref[0], -jax.jit(jax.grad(first_output_sum))(args[0])]
     device = next(iter(module.buffers()), torch.empty(0)).device
-    out = module(*[torch.from_numpy(np.array(a, copy=True)).to(device) for a in args])
-    got = [o.cpu() for o in ([out] if isinstance(out, torch.Tensor) else out)]
+    got = call_repeatedly(module, [_to_tensor(a).to(device) for a in args], calls)
     if len(got) != len(ref):
         raise TrainkitError(f"the module returned {len(got)} outputs, JAX {len(ref)}")
     max_abs, max_rel = 0.0, 0.0
     for g, r in zip(got, ref):
-        g = g.detach().to(torch.float64).numpy() if g.dtype != torch.bool else g.numpy().astype(np.float64)
-        r = np.asarray(r, dtype=np.float64)
-        if g.shape != r.shape:
+        try:
+            err, rel = relative_error(np.asarray(r), g.detach().cpu().to(torch.float64).numpy())
+        except TrainkitError:
             return {"max_abs": float("inf"), "max_rel": float("inf")}
-        diff = np.where(np.isnan(g) & np.isnan(r), 0.0, np.abs(g - r))
-        diff = np.where(np.isnan(diff), np.inf, diff)
-        err = float(diff.max()) if diff.size else 0.0
-        finite = np.abs(r[np.isfinite(r)])
-        scale = max(float(finite.max()) if finite.size else 0.0, _TINY)
-        max_abs, max_rel = max(max_abs, err), max(max_rel, err / scale)
+        max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
     return {"max_abs": max_abs, "max_rel": max_rel}
+
+
+def call_repeatedly(module: Callable[..., Any], inputs: Sequence[torch.Tensor],
+                    calls: int = REPEAT_CALLS) -> list[torch.Tensor]:
+    """The module's outputs (as a list) after `calls` calls on `inputs`; `TrainkitError` unless every call gave
+    bit-identical outputs (TorchScript's profiling executor rewrites the graph after the first calls, so a
+    module that is right once is not yet right)."""
+    first: list[torch.Tensor] | None = None
+    for k in range(calls):
+        with torch.no_grad():
+            out = module(*inputs)
+        outs = [out] if isinstance(out, torch.Tensor) else list(out)
+        if first is None:
+            first = outs
+        elif not all(torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, rtol=0, atol=0,
+                                                                                   equal_nan=True))
+                     for a, b in zip(first, outs)):
+            raise TrainkitError(f"the exported module's outputs changed between call 1 and call {k + 1} on the same "
+                                "inputs; this is a converter bug, please report it with the model")
+    return first or []
+
+
+def _tolerance(args: tuple, closed: core.ClosedJaxpr) -> float:
+    dtypes = [np.dtype(a.dtype).name for a in args] + [np.dtype(v.dtype).name for v in closed.out_avals]
+    return max((TOLERANCES[d] for d in dtypes if d in TOLERANCES), default=PARITY_TOLERANCE)
+
+
+def _checked_parity(fn: Callable[..., Any], params: Any, module: torch.jit.ScriptModule, args: tuple,
+                    axes: list[dict[int, str]], bounds: list[Bound], with_forces: bool,
+                    tolerance: float | str) -> dict[str, Any]:
+    """`parity` on the example inputs and, where there are dynamic axes, on a copy one shorter along each of
+    them (skipped if JAX itself cannot run it, e.g. indices into a shortened axis); raises past `tolerance`."""
+    worst: dict[str, Any] = {"max_abs": 0.0, "max_rel": 0.0, "sizes": []}
+    for k, inputs in enumerate([args, *_shortened(args, axes, bounds)]):
+        if k > 0:
+            try:
+                jax.block_until_ready(jax.jit(fn)(params, *inputs))
+            except Exception:  # noqa: BLE001 (not a valid input for this function: check the example size only)
+                continue
+        report = parity(fn, params, module, inputs, with_forces=with_forces)
+        worst["sizes"].append([list(a.shape) for a in inputs])
+        worst["max_abs"], worst["max_rel"] = max(worst["max_abs"], report["max_abs"]), max(worst["max_rel"],
+                                                                                          report["max_rel"])
+        if not report["max_rel"] <= tolerance:
+            shapes = ", ".join(str(tuple(a.shape)) for a in inputs)
+            raise TrainkitError(f"TorchScript export does not match JAX on inputs of shape {shapes}: max_rel="
+                                f"{report['max_rel']:.3g}, max_abs={report['max_abs']:.3g} (tolerance "
+                                f"{tolerance:g}); this is a converter bug, please report it with the model")
+    return worst
+
+
+def _shortened(args: tuple, axes: list[dict[int, str]], bounds: list[Bound]) -> list[tuple]:
+    """The inputs cut one shorter along every dynamic axis longer than 1 that its bounds allow (none if there is
+    no such axis)."""
+    sizes = {sym: a.shape[i] for a, spec in zip(args, axes) for i, sym in spec.items()}
+    new = {sym: n - 1 for sym, n in sizes.items() if n > 1 and all(b.allows(n - 1) for b in bounds if b.sym == sym)}
+    if not new:
+        return []
+    out = []
+    for a, spec in zip(args, axes):
+        index = tuple(slice(0, new[spec[i]]) if spec.get(i) in new else slice(None) for i in range(a.ndim))
+        out.append(np.array(a[index], copy=True))  # (ascontiguousarray would make a 0-d input 1-d)
+    return [tuple(out)]
+
+
+def with_jax_forces(fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
+    """`fn` -> `(params, *args) -> (output0, -d sum(output0) / d args[0])`, the derivative taken by JAX.
+
+    The exported module evaluates JAX's own derivative (its jaxpr, translated like any other) instead of
+    differentiating the translated forward graph with torch autograd: JAX's masking semantics (`where` selects
+    the cotangent, so a NaN in a masked-off branch stays out) and custom_jvp rules hold by construction, and
+    the result does not depend on which TorchScript executor or autodiff formulas the consumer runs.
+    """
+    def energy_and_forces(params: Any, *args: Any) -> tuple[Any, Any]:
+        def total(x: Any) -> tuple[Any, Any]:
+            first = jax.tree.leaves(fn(params, x, *args[1:]))[0]
+            return jnp.sum(first), first
+
+        (_, first), grad = jax.value_and_grad(total, has_aux=True)(args[0])
+        return first, -grad
+
+    return energy_and_forces
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """One `dim_constraints` entry: `sym op value`."""
+
+    sym: str
+    op: str  # "<=" or ">="
+    value: int
+
+    @property
+    def text(self) -> str:
+        return f"{self.sym} {self.op} {self.value}"
+
+    def allows(self, n: int) -> bool:
+        return n <= self.value if self.op == "<=" else n >= self.value
+
+
+def _parse_constraints(constraints: Sequence[str], axes: list[dict[int, str]]) -> list[Bound]:
+    symbols = {s for spec in axes for s in spec.values()}
+    bounds = []
+    for text in constraints:
+        m = re.fullmatch(r"\s*(\w+)\s*(<=|>=)\s*(\d+)\s*", text)
+        if m is None or m[1] not in symbols:
+            raise TrainkitError(f"dim_constraints entry {text!r} is not 'NAME <= N' or 'NAME >= N' for a dynamic axis "
+                                f"name ({', '.join(sorted(symbols)) or 'there are no dynamic axes'})")
+        bounds.append(Bound(m[1], m[2], int(m[3])))
+    return bounds
 
 
 def _input_names(input_names: Sequence[str] | None, n: int) -> list[str]:
@@ -152,35 +272,83 @@ def _normalize_axes(dynamic_axes: DynamicAxes | None, names: list[str], args: tu
     return axes
 
 
-def _trace(fn: Callable[..., Any], params: Any, args: tuple, axes: list[dict[int, str]]) -> tuple[Any, int]:
-    symbols = list(dict.fromkeys(s for spec in axes for s in spec.values()))
-    dims = dict(zip(symbols, jax.export.symbolic_shape(", ".join(symbols)))) if symbols else {}
-    specs = [jax.ShapeDtypeStruct(tuple(dims[spec[i]] if i in spec else n for i, n in enumerate(a.shape)), a.dtype)
-             for a, spec in zip(args, axes)]
+def _trace(fn: Callable[..., Any], params: Any, args: tuple, axes: list[dict[int, str]],
+           bounds: list[Bound]) -> tuple[Any, int]:
+    """The jaxpr of `fn(params, *args)` with the dynamic axes symbolic, dead code removed (e.g. a constant PRNG
+    key that flax's `nn.RNN` splits for an initializer it never calls), and its number of outputs."""
     try:
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(params, *specs)
-    except Exception as e:  # shape-polymorphism failures name the operation; keep the user-facing line short
-        if "symbolic" in str(e).lower() or "inconclusive" in type(e).__name__.lower():
-            first = str(e).strip().splitlines()[0]
-            raise TrainkitError(f"cannot trace the model with dynamic axes {symbols}: {first}; make that axis "
-                                "static (leave it out of dynamic_axes) or avoid size-dependent Python logic") from e
-        raise
-    return closed, len(jax.tree.leaves(out_shape))
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(params, *_specs(args, axes, bounds))
+    except Exception as e:
+        culprits = _dynamic_culprits(fn, params, args, axes, bounds)
+        if not culprits:
+            raise
+        first = " ".join(str(e).split())
+        first = first if len(first) < 200 else first[:197] + "..."
+        bound = _suggested_bound(first)
+        hint = f"if the model has such a bound, say so: dim_constraints=['{bound}']; else " if bound else ""
+        raise TrainkitError(f"cannot trace the model with dynamic axis {' and '.join(map(repr, culprits))} ({first}); "
+                            f"it traces with that axis static: {hint}leave it out of dynamic_axes (one module per "
+                            "size) or avoid size-dependent Python logic") from None
+    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True)
+    return core.ClosedJaxpr(jaxpr, closed.consts), len(jax.tree.leaves(out_shape))
+
+
+def _suggested_bound(message: str) -> str | None:
+    """The `dim_constraints` entry that a shape-polymorphism error asks for: `min(64, seq)` -> "seq <= 64",
+    an inconclusive `'b' >= '2'` -> "b >= 2"."""
+    m = re.search(r"min\((\d+), (\w+)\)|min\((\w+), (\d+)\)", message)
+    if m:
+        return f"{m[2] or m[3]} <= {m[1] or m[4]}"
+    m = re.search(r"comparison '(\w+)' (>=|<=|>|<) '(\d+)'", message)
+    if m:
+        n = int(m[3])
+        return {">=": f"{m[1]} >= {n}", ">": f"{m[1]} >= {n + 1}", "<=": f"{m[1]} <= {n}",
+                "<": f"{m[1]} <= {n - 1}"}[m[2]]
+    return None
+
+
+def _specs(args: tuple, axes: list[dict[int, str]], bounds: list[Bound]) -> list[jax.ShapeDtypeStruct]:
+    symbols = list(dict.fromkeys(s for spec in axes for s in spec.values()))
+    constraints = [b.text for b in bounds if b.sym in symbols]
+    dims = dict(zip(symbols, jax.export.symbolic_shape(", ".join(symbols), constraints=constraints))) if symbols else {}
+    return [jax.ShapeDtypeStruct(tuple(dims[spec[i]] if i in spec else n for i, n in enumerate(a.shape)), a.dtype)
+            for a, spec in zip(args, axes)]
+
+
+def _dynamic_culprits(fn: Callable[..., Any], params: Any, args: tuple, axes: list[dict[int, str]],
+                      bounds: list[Bound]) -> list[str]:
+    """The dynamic axes that each alone make tracing fail, if `fn` traces with all axes static (else [])."""
+    def traces(keep: set[str]) -> bool:
+        try:
+            kept = [{i: s for i, s in spec.items() if s in keep} for spec in axes]
+            jax.make_jaxpr(fn)(params, *_specs(args, kept, bounds))
+            return True
+        except Exception:  # noqa: BLE001 (any failure counts: this only decides what the message blames)
+            return False
+
+    symbols = list(dict.fromkeys(s for spec in axes for s in spec.values()))
+    if not symbols or not traces(set()):
+        return []
+    return [s for s in symbols if not traces({s})] or symbols
 
 
 def _generate(closed: Any, params: Any, args: tuple, names: list[str], axes: list[dict[int, str]],
-              with_forces: bool, n_outputs: int) -> tuple[str, dict[str, np.ndarray]]:
+              bounds: list[Bound], n_outputs: int) -> tuple[str, dict[str, np.ndarray]]:
     em = Emitter(RULES, plan_fusions)
     param_codes = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = "p_" + re.sub(r"\W+", "_", jax.tree_util.keystr(path)).strip("_")
         while name in em.buffers:
             name += "_"
+        if is_key(leaf):  # e.g. an nnx module's Rngs state: a constant for the random rules (rules/random.py)
+            param_codes.append(core.Literal(leaf, jax.typeof(leaf)))
+            continue
         em.buffers[name] = np.asarray(leaf)
         param_codes.append(f"self.{name}")
         em.mark_no_grad(f"self.{name}")
-    prologue = [f"_dev = {names[0]}.device" if names else f"_dev = {param_codes[0]}.device"
-                if param_codes else "_dev = torch.device('cpu')"]
+    buffers = [f"self.{b}" for b in em.buffers]
+    prologue = [f"_dev = {names[0]}.device" if names else f"_dev = {buffers[0]}.device"
+                if buffers else "_dev = torch.device('cpu')"]
     checks = []
     for name, a, spec in zip(names, args, axes):
         checks.append(f"assert {name}.dim() == {a.ndim}, \"input '{name}' must have {a.ndim} dimensions\"")
@@ -194,28 +362,16 @@ def _generate(closed: Any, params: Any, args: tuple, names: list[str], axes: lis
             else:
                 checks.append(f"assert {name}.size({i}) == d_{sym}, \"input '{name}' axis {i} must equal "
                               f"dynamic size '{sym}'\"")
+    checks += [f"assert d_{b.sym} {b.op} {b.value}, \"dynamic size '{b.sym}' must be {b.op} {b.value}\"" for b in bounds]
     conversions = [f"{n} = {n}.to({em.dtype(a.dtype)})" for n, a in zip(names, args)]
-    if with_forces:
-        conversions[0] += ".detach().requires_grad_(True)"
     em.check_supported(closed.jaxpr)
     outs = [em.t(o) for o in em.run_closed(closed, param_codes + names)]
     indent = "        "
     body = [indent + line for line in prologue + checks + conversions]
     signature = ", ".join(f"{n}: torch.Tensor" for n in names)
-    if with_forces:
-        body += [indent + "_grad_was_enabled = torch.is_grad_enabled()", indent + "torch.set_grad_enabled(True)"]
-        body += em.lines
-        body += [indent + line for line in (
-            f"_grads = torch.autograd.grad([{outs[0]}.sum()], [{names[0]}], allow_unused=True)",
-            "torch.set_grad_enabled(_grad_was_enabled)",
-            "_g = _grads[0]",
-            f"_forces = torch.zeros_like({names[0]}) if _g is None else -_g",
-            f"return {outs[0]}.detach(), _forces")]
-        returns = "Tuple[torch.Tensor, torch.Tensor]"
-    else:
-        body += em.lines
-        body.append(indent + (f"return {outs[0]}" if n_outputs == 1 else f"return ({', '.join(outs)},)"))
-        returns = "torch.Tensor" if n_outputs == 1 else f"Tuple[{', '.join(['torch.Tensor'] * n_outputs)}]"
+    body += em.lines
+    body.append(indent + (f"return {outs[0]}" if n_outputs == 1 else f"return ({', '.join(outs)},)"))
+    returns = "torch.Tensor" if n_outputs == 1 else f"Tuple[{', '.join(['torch.Tensor'] * n_outputs)}]"
     source = "\n".join([
         "import torch", "from typing import List, Tuple", "", "",
         "class TrainkitExport(torch.nn.Module):",

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 from jax._src import core, source_info_util
 
@@ -34,6 +35,11 @@ TORCH_DTYPES = {
     "bfloat16": "torch.bfloat16", "int8": "torch.int8", "int16": "torch.int16", "int32": "torch.int32",
     "int64": "torch.int64", "uint8": "torch.uint8", "bool": "torch.bool",
 }
+
+
+NOT_CONSTANT = ("draws from a key that depends on the inputs, parameters or loop state; only constant keys are "
+                "evaluated at export (pass random numbers in as an input, or make the model deterministic for export, "
+                "e.g. deterministic=True / model.eval())")
 
 
 class Unsupported(Exception):
@@ -70,6 +76,11 @@ def _qualname(fn: Callable) -> str:
 
 def is_float(aval: Any) -> bool:
     return np.issubdtype(aval.dtype, np.inexact)
+
+
+def is_key(aval: Any) -> bool:
+    """A typed PRNG key (`jax.random.key`), which has no torch dtype."""
+    return jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key)
 
 
 class Emitter:
@@ -153,6 +164,8 @@ class Emitter:
         """A value as a tensor; literals become 0-d buffers (registered once, moved with `.to(device)`)."""
         if not isinstance(x, core.Literal):
             return x
+        if is_key(x.aval):
+            raise Unsupported("uses a PRNG key as a number; only random draws from constant keys are exported")
         val = np.asarray(x.val, dtype=x.aval.dtype)
         key = (val.dtype.str, val.tobytes())
         if key not in self._literal_buffers:
@@ -209,9 +222,13 @@ class Emitter:
         name = eqn.primitive.name
         self._outer.append(eqn)
         try:
-            if name not in self.rules:
+            if name in self.rules:
+                outs = self.rules[name](self, eqn, ins)
+            elif _foldable(eqn, [isinstance(x, core.Literal) for x in ins]):
+                outs = evaluate(eqn, ins)
+            else:
                 raise Unsupported("is not supported")
-            outs = [o if isinstance(o, core.Literal) else self.assign(o) for o in self.rules[name](self, eqn, ins)]
+            outs = [o if isinstance(o, core.Literal) else self.assign(o) for o in outs]
         except Unsupported as e:
             raise TrainkitError(self._describe(eqn, str(e))) from None
         finally:
@@ -223,24 +240,36 @@ class Emitter:
                 self._no_grad.add(o)
         return outs
 
-    def check_supported(self, jaxpr: core.Jaxpr, outer: tuple[core.JaxprEqn, ...] = ()) -> None:
-        """Fail before translating anything if any (nested) equation uses a primitive without a rule."""
+    def check_supported(self, jaxpr: core.Jaxpr, outer: tuple[core.JaxprEqn, ...] = (),
+                        constant_inputs: Sequence[bool] = ()) -> None:
+        """Fail before translating anything if any (nested) equation uses a primitive without a rule, unless its
+        inputs are all constants (then it is evaluated at export: `evaluate`). `constant_inputs`: which of
+        `jaxpr.invars` are constants (default none)."""
         missing: dict[str, tuple] = {}
-        self._find_missing(jaxpr, outer, missing)
+        self._find_missing(jaxpr, outer, missing, list(constant_inputs) or [False] * len(jaxpr.invars))
         if missing:
-            name, (eqn, chain) = next(iter(missing.items()))
+            name, (eqn, chain, reason) = next(iter(missing.items()))
             others = sorted(set(missing) - {name})
             also = f" (also unsupported here: {', '.join(others)})" if others else ""
             self._where = [_label(e) for e in chain]
-            raise TrainkitError(self._describe(eqn, f"is not supported{also}", chain))
+            raise TrainkitError(self._describe(eqn, f"{reason}{also}", chain))
 
-    def _find_missing(self, jaxpr: core.Jaxpr, chain: tuple, missing: dict) -> None:
+    def _find_missing(self, jaxpr: core.Jaxpr, chain: tuple, missing: dict, constant_inputs: list[bool]) -> None:
+        constant = {v for v, c in zip(jaxpr.invars, constant_inputs) if c}
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
-            if name not in self.rules and name not in missing:
-                missing[name] = (eqn, chain)
+            flags = [isinstance(v, core.Literal) or v in constant for v in eqn.invars]
+            if name in missing:
+                pass
+            elif name in CONSTANT_PRIMITIVES and not all(flags):
+                missing[name] = (eqn, chain, NOT_CONSTANT)
+            elif name not in self.rules and not _foldable(eqn, flags):
+                missing[name] = (eqn, chain, "is not supported")
             for sub in core.jaxprs_in_params(eqn.params):
-                self._find_missing(sub, chain + (eqn,), missing)
+                inner = flags if len(flags) == len(sub.invars) else [False] * len(sub.invars)
+                self._find_missing(sub, chain + (eqn,), missing, inner)
+            if all(flags) and flags and (name not in self.rules or name in CONSTANT_PRIMITIVES):
+                constant.update(eqn.outvars)
 
     def _describe(self, eqn: core.JaxprEqn, reason: str, chain: tuple = ()) -> str:
         where = ""
@@ -266,6 +295,28 @@ class Emitter:
     def materialize(self, outs: list[Value]) -> list[str]:
         """Values as tensors: loop carries and branch results must be tensors in every path."""
         return [self.t(o) for o in outs]
+
+
+# Primitives translated only for constant inputs, into constants (rules/random.py); `check_supported` propagates
+# constants through them and refuses them on other inputs.
+CONSTANT_PRIMITIVES = frozenset({"random_seed", "random_split", "random_fold_in", "random_bits", "random_wrap",
+                             "random_unwrap", "threefry2x32"})
+_MAX_FOLDED_ELEMENTS = 1 << 20
+
+
+def _foldable(eqn: core.JaxprEqn, constant: list[bool]) -> bool:
+    """A primitive without a rule can still be exported when all its inputs are constants (bits drawn from a
+    constant key, shifted and scaled into floats): JAX evaluates it at export and its value is embedded."""
+    return (bool(constant) and all(constant) and not core.jaxprs_in_params(eqn.params)
+            and all(isinstance(d, (int, np.integer)) for v in eqn.outvars for d in v.aval.shape)
+            and sum(math.prod(v.aval.shape) for v in eqn.outvars) <= _MAX_FOLDED_ELEMENTS)
+
+
+def evaluate(eqn: core.JaxprEqn, ins: list[core.Literal]) -> list[core.Literal]:
+    """The equation evaluated by JAX on constant inputs, as constants (PRNG keys stay keys)."""
+    outs = eqn.primitive.bind(*[x.val for x in ins], **eqn.params)
+    outs = outs if eqn.primitive.multiple_results else [outs]
+    return [core.Literal(o if is_key(v.aval) else np.asarray(o), v.aval) for o, v in zip(outs, eqn.outvars)]
 
 
 def _label(eqn: core.JaxprEqn) -> str:

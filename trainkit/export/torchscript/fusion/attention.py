@@ -187,7 +187,8 @@ def _emit(q_perm: list, k_perm: list, v_perm: list, out_perm: list, scale: float
         if mask is not None and not causal:
             _, test, dims, fill = mask
             m = a[3] + "".join(f".unsqueeze({d})" for d in range(4) if d not in dims) + test
-            attn_mask = g.assign(f"torch.where({m}, 0.0, {g.scalar(fill)}).to({a[0]}.dtype)")
+            m = g.assign(m)  # the fill made in the query's dtype: -1.8e308 overflows a float32 intermediate
+            attn_mask = g.assign(f"torch.full_like({m}, {g.scalar(fill)}, dtype={a[0]}.dtype).masked_fill({m}, 0.0)")
         out = (f"torch.nn.functional.scaled_dot_product_attention({q}, {k}, {v}, {attn_mask}, 0.0, {causal}, "
                f"scale={scale!r})")
         return permuted(out, out_perm)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 from jax._src import core
 
-from trainkit.export.torchscript.emitter import Emitter, Rule, Value, rule_table
+from trainkit.export.torchscript.emitter import Emitter, Rule, Unsupported, Value, rule_table
 
 
 def emit_cond(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
-    """`if/elif/else` on the (clamped) branch index; every branch assigns the same result names."""
+    """`if/elif/else` on the (clamped) branch index; every branch assigns the same result names. A constant
+    index (`platform_index`) translates its branch only."""
     branches = eqn.params["branches"]
+    if isinstance(ins[0], core.Literal):
+        k = min(max(int(ins[0].val), 0), len(branches) - 1)
+        with g.inside(f"cond branch {k}"):
+            return g.run_closed(branches[k], ins[1:])
     index = g.assign(f"int({g.t(ins[0])})", "i")
     results = [g.fresh("r") for _ in eqn.outvars]
     for k, branch in enumerate(branches):
@@ -77,4 +83,17 @@ def emit_scan(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
     return carry + stacked
 
 
-RULES: dict[str, Rule] = rule_table({"cond": emit_cond, "while": emit_while, "scan": emit_scan})
+def platform_index(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
+    """`lax.platform_dependent`'s branch index, as a constant: the default branch (platforms `None`), else the
+    CPU one. The exported module runs the generic computation, not a TPU/GPU kernel's lowering."""
+    platforms = list(eqn.params["platforms"])
+    chosen = next((k for k, p in enumerate(platforms) if p is None), None)
+    if chosen is None:
+        chosen = next((k for k, p in enumerate(platforms) if "cpu" in p), None)
+    if chosen is None:
+        raise Unsupported(f"has no default or CPU branch among {platforms}")
+    return [core.Literal(np.int32(chosen), eqn.outvars[0].aval)]
+
+
+RULES: dict[str, Rule] = rule_table({"cond": emit_cond, "while": emit_while, "scan": emit_scan,
+                                     "platform_index": platform_index})

@@ -71,9 +71,9 @@ def _integer_pow(g: Emitter, eqn, ins) -> list[str]:
 
 
 # ---- binary -----------------------------------------------------------------------------------------------
-_OPERATORS = {"add": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">",
+_OPERATORS = {"add": "+", "add_any": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">",
               "ge": ">=", "and": "&", "or": "|", "xor": "^"}
-_MIRROR = {"add": "add", "mul": "mul", "eq": "eq", "ne": "ne", "lt": "gt", "le": "ge", "gt": "lt", "ge": "le",
+_MIRROR = {"add": "add", "add_any": "add_any", "mul": "mul", "eq": "eq", "ne": "ne", "lt": "gt", "le": "ge", "gt": "lt", "ge": "le",
            "and": "and", "or": "or", "xor": "xor"}
 
 
@@ -85,7 +85,7 @@ def _unfilled(g: Emitter, eqn, ins: list) -> list:
             else x for i, x in enumerate(ins)]
 
 
-_NEUTRAL = {"add": (0, 0), "sub": (None, 0), "mul": (1, 1)}  # (left, right) operands that change nothing
+_NEUTRAL = {"add": (0, 0), "add_any": (0, 0), "sub": (None, 0), "mul": (1, 1)}  # (left, right) operands that change nothing
 
 
 def _operator(g: Emitter, eqn, ins) -> list[str]:
@@ -145,11 +145,30 @@ def _select_n(g: Emitter, eqn, ins) -> list[str]:
         cases = [g.t(cases[0])] + list(cases[1:])
     p = g.t(pred)
     if eqn.invars[0].aval.dtype == np.bool_:
+        if is_float(eqn.outvars[0].aval) and any(g.needs_grad(c) for c in cases):
+            return [selected(g, p, cases[1], cases[0])]
+        if eqn.outvars[0].aval.dtype == np.bool_:  # TorchScript types where(p, True, t) as Long: tensors only
+            return [f"torch.where({p}, {g.t(cases[1])}, {g.t(cases[0])})"]
         return [f"torch.where({p}, {g.s(cases[1])}, {g.s(cases[0])})"]
     expr = g.s(cases[-1])
     for k in range(len(cases) - 2, -1, -1):
         expr = f"torch.where({p} == {k}, {g.s(cases[k])}, {expr})"
     return [expr]
+
+
+def selected(g: Emitter, cond: str, on_true: object, on_false: object) -> str:
+    """`where(cond, on_true, on_false)` for values that may require grad, with JAX's gradient on every call.
+
+    TorchScript's profiling executor differentiates `torch.where` with its own formula, `grad * cond`, from the
+    second call on: a NaN or inf cotangent in the branch not taken (the self-distance of a masked pair potential)
+    survives as NaN × 0. `masked_fill` has no such formula, so its eager gradient applies, which selects (as
+    eager `torch.where` and JAX's `select_n` do). Tensor operands have the output's shape here (the jaxpr's).
+    """
+    if not isinstance(on_true, str):
+        return f"{on_false}.masked_fill({cond}, {g.s(on_true)})"
+    if not isinstance(on_false, str):
+        return f"{on_true}.masked_fill(torch.logical_not({cond}), {g.s(on_false)})"
+    return f"{on_true}.masked_fill(torch.logical_not({cond}), 0.0) + {on_false}.masked_fill({cond}, 0.0)"
 
 
 def _clamp(g: Emitter, eqn, ins) -> list[str]:
@@ -159,7 +178,7 @@ def _clamp(g: Emitter, eqn, ins) -> list[str]:
     else:
         fast = f"torch.minimum(torch.maximum({x}, {g.t(ins[0])}), {g.t(ins[2])})"
     # lax.clamp passes the gradient only strictly inside (lo, hi); torch.clamp also at the bounds.
-    exact = f"torch.where(({x} > {lo}) & ({x} < {hi}), {x}, {fast}.detach())"
+    exact = selected(g, f"(({x} > {lo}) & ({x} < {hi}))", x, f"{fast}.detach()")
     return [f"{exact} if {x}.requires_grad else {fast}"]
 
 
