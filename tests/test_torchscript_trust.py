@@ -25,10 +25,10 @@ import torch
 from flax import nnx
 
 from trainkit.errors import TrainkitError
+from trainkit.export.torchscript import to_torchscript
 
 space = pytest.importorskip("jax_md.space", reason="the [corpus] extra (jax-md) is installed by .ci/run")
 energy = pytest.importorskip("jax_md.energy", reason="the [corpus] extra (jax-md) is installed by .ci/run")
-from trainkit.export.torchscript import to_torchscript
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 CALLS = 20

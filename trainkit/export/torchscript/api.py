@@ -362,7 +362,8 @@ def _generate(closed: Any, params: Any, args: tuple, names: list[str], axes: lis
             else:
                 checks.append(f"assert {name}.size({i}) == d_{sym}, \"input '{name}' axis {i} must equal "
                               f"dynamic size '{sym}'\"")
-    checks += [f"assert d_{b.sym} {b.op} {b.value}, \"dynamic size '{b.sym}' must be {b.op} {b.value}\"" for b in bounds]
+    checks += [f"assert d_{b.sym} {b.op} {b.value}, \"dynamic size '{b.sym}' must be {b.op} {b.value}\""
+               for b in bounds]
     conversions = [f"{n} = {n}.to({em.dtype(a.dtype)})" for n, a in zip(names, args)]
     em.check_supported(closed.jaxpr)
     outs = [em.t(o) for o in em.run_closed(closed, param_codes + names)]

@@ -71,10 +71,11 @@ def _integer_pow(g: Emitter, eqn, ins) -> list[str]:
 
 
 # ---- binary -----------------------------------------------------------------------------------------------
-_OPERATORS = {"add": "+", "add_any": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">",
-              "ge": ">=", "and": "&", "or": "|", "xor": "^"}
-_MIRROR = {"add": "add", "add_any": "add_any", "mul": "mul", "eq": "eq", "ne": "ne", "lt": "gt", "le": "ge", "gt": "lt", "ge": "le",
-           "and": "and", "or": "or", "xor": "xor"}
+# add_any: the sum of two cotangents in JAX's derivatives (`with_jax_forces` translates them)
+_OPERATORS = {"add": "+", "add_any": "+", "sub": "-", "mul": "*", "eq": "==", "ne": "!=", "lt": "<", "le": "<=",
+              "gt": ">", "ge": ">=", "and": "&", "or": "|", "xor": "^"}
+_MIRROR = {"add": "add", "add_any": "add_any", "mul": "mul", "eq": "eq", "ne": "ne", "lt": "gt", "le": "ge",
+           "gt": "lt", "ge": "le", "and": "and", "or": "or", "xor": "xor"}
 
 
 def _unfilled(g: Emitter, eqn, ins: list) -> list:
@@ -85,7 +86,8 @@ def _unfilled(g: Emitter, eqn, ins: list) -> list:
             else x for i, x in enumerate(ins)]
 
 
-_NEUTRAL = {"add": (0, 0), "add_any": (0, 0), "sub": (None, 0), "mul": (1, 1)}  # (left, right) operands that change nothing
+# (left, right) operands that change nothing
+_NEUTRAL = {"add": (0, 0), "add_any": (0, 0), "sub": (None, 0), "mul": (1, 1)}
 
 
 def _operator(g: Emitter, eqn, ins) -> list[str]:
