@@ -22,6 +22,8 @@ if os.environ.get("TRAINKIT_TEST_JAX_CACHE", "1") != "0" and "JAX_COMPILATION_CA
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # CPU programs compile in well under 1 s
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+elif "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # off means off: not trainkit's own default cache either
+    os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
 import pytest  # noqa: E402
 

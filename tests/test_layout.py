@@ -2,7 +2,8 @@
 
 Layers, lowest first (a module may import its own layer and those below it):
   0  errors, paths                                   (no trainkit imports at all)
-  1  config, sharding, distributed, preemption, train_state, workdir, export.formats (the formats table)
+  1  config, sharding, distributed, preemption, train_state, nonfinite, compilation_cache, workdir,
+     export.formats (the formats table)
   2  checkpoints/, data/, models/
   3  logging/                                        (metrics, progress, W&B)
   4  export/                                         (the exporters and the TorchScript converter)
@@ -21,7 +22,8 @@ from conftest import ROOT
 LAYERS = [  # (module or package, layer); the first match wins, so more specific names come first
     ("trainkit.errors", 0), ("trainkit.paths", 0),
     ("trainkit.export.formats", 1), ("trainkit.config", 1), ("trainkit.sharding", 1), ("trainkit.distributed", 1),
-    ("trainkit.preemption", 1), ("trainkit.train_state", 1), ("trainkit.workdir", 1),
+    ("trainkit.preemption", 1), ("trainkit.train_state", 1), ("trainkit.workdir", 1), ("trainkit.nonfinite", 1),
+    ("trainkit.compilation_cache", 1),
     ("trainkit.checkpoints", 2), ("trainkit.data", 2), ("trainkit.models", 2),
     ("trainkit.logging", 3),
     ("trainkit.export.__main__", 6), ("trainkit.export", 4),

@@ -33,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 100
     c.walltime = 0.0  # seconds; > 0: save and exit cleanly before the budget ends
     c.progress = "auto"  # "auto" (a bar on a TTY, log lines otherwise) | "bar" | "log" | "none"
+    c.on_nonfinite = "stop"  # a non-finite loss/gradient/state: "stop" (one line, nothing saved) | "skip" the update
+    c.compilation_cache = "auto"  # persistent JAX compilation cache: "auto" (user's cache dir) | "off" | a dir
 
     c.model = ml_collections.ConfigDict({"name": "cnn", "features": (32, 64), "hidden": 128})
     c.data = ml_collections.ConfigDict({"name": "digits", "eval_fraction": 0.2})
@@ -56,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.wandb = ml_collections.ConfigDict({"enabled": False, "project": "trainkit", "entity": "", "mode": "online"})
     return c
 
+
+NONFINITE_MODES = ("stop", "skip")  # what trainkit.nonfinite does with a non-finite step
 
 # Keys whose change alters the parameter shapes/structure, so a checkpoint cannot be resumed under them.
 STRUCTURAL_PREFIXES = ("model.", "data.name", "data.cutoff", "data.seq_len")
@@ -97,6 +101,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("log_every", "eval_every"):
         if config[key] <= 0:
             raise TrainkitError(f"{key}={config[key]} must be positive")
+    if config.on_nonfinite not in NONFINITE_MODES:
+        raise TrainkitError(f"on_nonfinite={config.on_nonfinite!r} must be 'stop' or 'skip'")
+    if not config.compilation_cache:
+        raise TrainkitError("compilation_cache is empty; use 'auto', 'off' or a directory")
     ck = config.checkpoint
     if ck.best_mode not in ("min", "max"):
         raise TrainkitError(f"checkpoint.best_mode={ck.best_mode!r} must be 'min' or 'max'")

@@ -24,12 +24,14 @@ from etils import epath
 from trainkit import config as config_lib
 from trainkit import distributed, sharding
 from trainkit.checkpoints.meta import CheckpointMeta
+from trainkit.compilation_cache import enable_compilation_cache
 from trainkit.checkpoints.manager import CheckpointManager
 from trainkit.data import load_dataset
 from trainkit.errors import TrainkitError
 from trainkit.data.pipeline import TrainBatches, eval_batches
 from trainkit.logging.metrics import MetricsWriter
 from trainkit.models import Task, build_task
+from trainkit.nonfinite import FLAG, NonFiniteGuard, guard_update
 from trainkit.paths import absolute_optional, absolute_path
 from trainkit.preemption import StopRequests
 from trainkit.logging.progress import Progress
@@ -72,6 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Train `config` in `workdir` (a relative path is taken against the current directory): build the experiment,
     start from this workdir's latest good checkpoint (else --resume_from / --init_from / scratch), then loop."""
     config_lib.validate(config)
+    enable_compilation_cache(config.compilation_cache)  # before the first compilation
     workdir = prepare(absolute_path(workdir))
     options = dataclasses.replace(options, resume_from=absolute_optional(options.resume_from),
                                   init_from=absolute_optional(options.init_from))
@@ -161,9 +164,9 @@ def train_loop(experiment: Experiment, workdir: epath.Path, checkpoints: Checkpo
     if start.data_state:
         batches.set_state(start.data_state)
     replicated = sharding.replicated(experiment.mesh)
-    train_step = jax.jit(make_train_step(task, experiment.tx), in_shardings=(experiment.state_sharding,
-                         experiment.batch_sharding), out_shardings=(experiment.state_sharding, replicated),
-                         donate_argnums=0)
+    train_step = jax.jit(make_train_step(task, experiment.tx, config.on_nonfinite),
+                         in_shardings=(experiment.state_sharding, experiment.batch_sharding),
+                         out_shardings=(experiment.state_sharding, replicated), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(task), out_shardings=replicated)
 
     wandb_run = start_wandb(config, workdir, start, step, fresh=fresh)  # reads metrics.jsonl: first
@@ -172,7 +175,8 @@ def train_loop(experiment: Experiment, workdir: epath.Path, checkpoints: Checkpo
     stops = StopRequests(config.walltime).install()
     meta = CheckpointMeta(model=task.name, step=step, best=start.meta.best if start.meta is not None else None,
                           wandb_run_id=wandb_run.id if wandb_run is not None else None)
-    window = TrainWindow(step)
+    window = TrainWindow(step, count_skipped=config.on_nonfinite == "skip")
+    guard = NonFiniteGuard(config.on_nonfinite, lambda: _last_good(checkpoints))
     last_metrics: dict[str, float] = {}
     stopped_by = None
     saved_step = step if start.resumed else None
@@ -185,12 +189,14 @@ def train_loop(experiment: Experiment, workdir: epath.Path, checkpoints: Checkpo
             state, metrics = train_step(state, batch)
             step += 1
             window.add(metrics)
+            guard.add(step, metrics)
+            if step % BLOCK_EVERY == 0 or any(itstime(step, every, config.num_steps) for every in
+                                              (config.log_every, config.eval_every, config.checkpoint.every)):
+                guard.check()  # the loop waits here anyway; before any eval or save sees the state
             if itstime(step, config.log_every, config.num_steps):
                 train = window.flush(step)
                 writer.write(step, train)
                 last_metrics.update(train)
-            elif step % BLOCK_EVERY == 0:
-                jax.block_until_ready(metrics)
             eval_metrics = None
             if itstime(step, config.eval_every, config.num_steps):
                 eval_metrics = evaluate(eval_step, state.params, experiment.dataset.eval, config.batch_size,
@@ -206,6 +212,9 @@ def train_loop(experiment: Experiment, workdir: epath.Path, checkpoints: Checkpo
                 checkpoints.save(step, state, batches.get_state(), meta, eval_metrics)
                 writer.sync()  # a gs:// workdir's metrics reach the bucket with each checkpoint
                 saved_step = step
+        guard.check()
+        if guard.skipped and jax.process_index() == 0:
+            print(f"trainkit: skipped {guard.skipped} non-finite steps (on_nonfinite=skip)", flush=True)
         if stopped_by:
             if saved_step != step:
                 checkpoints.save(step, state, batches.get_state(), meta, None)
@@ -224,11 +233,13 @@ def train_loop(experiment: Experiment, workdir: epath.Path, checkpoints: Checkpo
 
 
 class TrainWindow:
-    """The train metrics of the steps since the last log line, and the throughput over them."""
+    """The train metrics of the steps since the last log line, and the throughput over them. Skipped (non-finite)
+    steps are left out of the means; with `count_skipped` their number is logged as `train/skipped_steps`."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, count_skipped: bool = False):
         self.pending: list[dict[str, jax.Array]] = []
         self.since, self.step = time.perf_counter(), step
+        self.count_skipped = count_skipped
 
     def add(self, metrics: dict[str, jax.Array]) -> None:
         self.pending.append(metrics)  # device arrays: reading them here would wait for every step
@@ -236,7 +247,11 @@ class TrainWindow:
     def flush(self, step: int) -> dict[str, float]:
         """{"train/<name>": mean over the window, "steps_per_sec": ...}; starts the next window."""
         host = jax.device_get(self.pending)
-        values = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+        finite = [m for m in host if m[FLAG]]
+        values = {f"train/{k}": float(np.mean([m[k] for m in finite])) if finite else float("nan")
+                  for k in host[0] if k != FLAG}
+        if self.count_skipped:
+            values["train/skipped_steps"] = float(len(host) - len(finite))
         now = time.perf_counter()
         values["steps_per_sec"] = (step - self.step) / (now - self.since)
         self.pending, self.since, self.step = [], now, step
@@ -256,15 +271,18 @@ def evaluate(eval_step, params, source, batch_size: int, batch_sharding) -> dict
     return {f"eval/{k}": v / max(count, 1.0) for k, v in sums.items()}
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation):
-    """The functional train step `(state, batch) -> (state, metrics)`; per-step randomness is fold_in(rng, step)."""
+def make_train_step(task: Task, tx: optax.GradientTransformation, on_nonfinite: str = "stop"):
+    """The functional train step `(state, batch) -> (state, metrics)`; per-step randomness is fold_in(rng, step).
+    `metrics["finite"]` flags a step whose loss, gradient norm or new state is not finite (trainkit.nonfinite)."""
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (loss, metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        grad_norm = optax.global_norm(grads)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new, finite = guard_update(state, new, loss, grad_norm, on_nonfinite)
+        return new, {**metrics, "grad_norm": grad_norm, FLAG: finite}
 
     return train_step
 
@@ -294,6 +312,16 @@ def _clear_for_fresh(directory: epath.Path, overwrite: bool) -> None:
         )
     if directory.exists() and jax.process_index() == 0:
         directory.rmtree()
+
+
+def _last_good(checkpoints: CheckpointManager) -> str:
+    """Names the step a stopped run resumes from (after the save in flight, if any, is on disk)."""
+    checkpoints.wait()
+    steps = checkpoints.steps()
+    if not steps:
+        return "no checkpoint was saved yet, so the next start begins from scratch"
+    return (f"the last good checkpoint is step {steps[-1]} ({checkpoints.step_dir(steps[-1])}), "
+            "where the next start resumes")
 
 
 def _finish(checkpoints: CheckpointManager, workdir: epath.Path, config, task: Task, step: int) -> None:

@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import math
 import shutil
 import time
 from typing import Any, Mapping
@@ -31,7 +32,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from trainkit import config as config_lib
 from trainkit import distributed
 from trainkit.checkpoints.meta import FORMAT_VERSION, Best, CheckpointMeta, check_readable
-from trainkit.errors import TrainkitError, is_disk_full
+from trainkit.errors import TrainkitError, find_write_error
 from trainkit.checkpoints.manifest import list_files, verify_manifest, write_manifest
 from trainkit.checkpoints.layout import list_steps, step_dir_name, write_alias
 from trainkit.paths import is_local
@@ -235,6 +236,8 @@ class CheckpointManager:
         if not ck.keep_best or not metrics or ck.best_metric not in metrics:
             return None
         value = metrics[ck.best_metric]
+        if not math.isfinite(value):  # a NaN eval never becomes `best` (nor ranks a step for retention)
+            return None
         if best is not None and not (value < best.value if ck.best_mode == "min" else value > best.value):
             return None
         return Best(step=step, value=value)
@@ -253,7 +256,7 @@ class CheckpointManager:
         self.wait()
         start = time.perf_counter()
         self._pending_step = step
-        with self._disk_full_is_user_error():
+        with self._write_errors_are_user_errors():
             ok = self._manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -311,31 +314,39 @@ class CheckpointManager:
         """Block until the pending save is on disk with its manifest; re-raise its error if it failed."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            with self._disk_full_is_user_error():
+            with self._write_errors_are_user_errors():
                 pending.result()
 
     @contextlib.contextmanager
-    def _disk_full_is_user_error(self):
-        """A save that fails on a full disk (Orbax re-raises it from its background thread, or the manifest
-        write raises it) is the user's to fix: say so in one line. The earlier steps are untouched; the failed
-        save's tmp dir (never listed) is deleted to give its space back, as the next start would."""
+    def _write_errors_are_user_errors(self):
+        """A save that fails on a full disk, a read-only remount, a lost permission or a failing disk (Orbax
+        re-raises it from its background thread, or the manifest write raises it) is the user's to fix: say so in
+        one line. The earlier steps are untouched; the failed save's tmp dir (never listed) is deleted to give its
+        space back, as the next start would."""
         try:
             yield
         except Exception as e:
-            if isinstance(e, TrainkitError) or not is_disk_full(e):
+            found = None if isinstance(e, TrainkitError) else find_write_error(e)
+            if found is None:
                 raise
             if self._primary and self._pending_step is not None:
                 for tmp_dir in self.directory.glob(f"{step_dir_name(self._pending_step)}.orbax-checkpoint-tmp*"):
                     shutil.rmtree(tmp_dir, ignore_errors=True)
             steps = list_steps(self.directory)  # Orbax lists no unfinished save; a finished one resumes
-            free = shutil.disk_usage(self.directory).free if self._local and self.directory.exists() else 0
             resume = (f"it resumes from step {steps[-1]}, the last complete checkpoint" if steps
                       else "there is no complete checkpoint yet, so it starts from scratch")
+            if found.disk_full:
+                free = shutil.disk_usage(self.directory).free if self._local and self.directory.exists() else 0
+                cause = f"{found.cause}, {free / 1e6:.1f} MB free"
+                fix = ("free space on that disk (or lower checkpoint.keep_last / keep_best, or choose a --workdir on a "
+                       "larger disk)")
+            else:
+                cause = found.cause
+                fix = "make that disk writable again (or choose another --workdir)"
             raise TrainkitError(
-                f"saving checkpoint step {self._pending_step} to {self.directory} failed: no space left on device "
-                f"({free / 1e6:.1f} MB free); free space on that disk (or lower checkpoint.keep_last / "
-                f"keep_best, or choose a --workdir on a larger disk) and run the same command again: {resume}"
-            ) from e  # the cause marks it as a full disk for exits_cleanly
+                f"saving checkpoint step {self._pending_step} to {self.directory} failed: {cause}; {fix} "
+                f"and run the same command again: {resume}"
+            ) from e  # the cause marks it as a write error for exits_cleanly
 
     def mark_final(self, step: int) -> None:
         self.wait()
@@ -347,7 +358,7 @@ class CheckpointManager:
             self.wait()
         finally:
             try:
-                with self._disk_full_is_user_error():
+                with self._write_errors_are_user_errors():
                     self._manager.close()  # re-raises a failed background save
             finally:
                 self._worker.shutdown()
