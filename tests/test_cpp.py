@@ -37,7 +37,7 @@ def test_cpp_libtorch_matches_python(tmp_path, run_potential):
     import torch
 
     train(tmp_path / "pot", "--config.num_steps=10", "--config.log_every=5", "--config.eval_every=10",
-          "--config.export.formats=('pt',)", config="configs/potential.py:tiny")
+          "--config.export.formats=('pt',)", config="configs/potential_dense.py:tiny")  # the example's 3 batched inputs
     model = tmp_path / "pot" / "export" / "model.pt"
     exe = run_potential
 

@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import train
-from configs import lm_chars, potential
+from configs import lm_chars
+from configs import potential_dense as potential  # the dense baseline; the neighbor-list one: test_neighbors.py
 from trainkit import sharding
 from trainkit.data import load_dataset
 from trainkit.data import molecules

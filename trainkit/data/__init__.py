@@ -56,6 +56,7 @@ DATASETS = {
     "digits": "trainkit.data.digits",
     "chars": "trainkit.data.chars",
     "molecules": "trainkit.data.molecules",
+    "neighbors": "trainkit.data.neighbors",
 }
 
 

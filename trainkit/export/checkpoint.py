@@ -7,6 +7,7 @@ above the tolerance fails. The sidecar records provenance: source step, config, 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -21,7 +22,7 @@ import numpy as np
 from etils import epath
 
 from trainkit.errors import TrainkitError
-from trainkit.export.formats import FORMATS, ArtifactSpec, Format, Report, format_of
+from trainkit.export.formats import FORMATS, ArtifactSpec, Format, Report, format_named, format_of
 from trainkit.export.parity import CHECK_DIMS, reference
 from trainkit.models import Task
 from trainkit.paths import absolute_path
@@ -51,24 +52,51 @@ def signature(task: Task, params: Any, with_forces: bool) -> dict[str, list[dict
             "outputs": outputs}
 
 
+TOLERANCES = {"float32": 1e-5, "float64": 1e-10}  # default parity tolerance (max_rel) by export dtype
+DTYPES = tuple(TOLERANCES)
+
+
 def export_model(task: Task, params: Any, out: Path, provenance: Mapping[str, Any], *,
-                 tolerance: float = 1e-5) -> dict[str, Any]:
-    """Write one artifact for `task` with `params`; returns its sidecar entry. The format comes from the suffix."""
-    fmt = format_of(out)
+                 tolerance: float | None = None, dtype: str = "float32", fmt: Format | None = None) -> dict[str, Any]:
+    """Write one artifact for `task` with `params`; returns its sidecar entry. The format comes from the suffix
+    unless `fmt` is given. `dtype`: the float dtype of the artifact's inputs, parameters and computation
+    (float64: traced and checked under `jax.enable_x64`); `tolerance` defaults to TOLERANCES[dtype]."""
+    if dtype not in TOLERANCES:
+        raise TrainkitError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    with jax.enable_x64(dtype == "float64"):
+        return _export_model(*in_dtype(task, params, dtype), Path(out), provenance, fmt or format_of(out),
+                             TOLERANCES[dtype] if tolerance is None else tolerance, dtype)
+
+
+def in_dtype(task: Task, params: Any, dtype: str) -> tuple[Task, Any]:
+    """The task with float inputs (and example inputs) in `dtype`, and the float params cast to it."""
+    def cast(x: Any) -> Any:
+        x = np.asarray(x)
+        return x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x
+
+    inputs = tuple(dataclasses.replace(s, dtype=dtype) if s.dtype.startswith("float") else s for s in task.inputs)
+    example = task.example_inputs
+    task = dataclasses.replace(task, inputs=inputs, example_inputs=lambda seed, dims: tuple(
+        cast(a) for a in example(seed, dims)))
+    return task, jax.tree.map(lambda p: jnp.asarray(cast(p)), params)  # jnp: traced arrays index them
+
+
+def _export_model(task: Task, params: Any, out: Path, provenance: Mapping[str, Any], fmt: Format,
+                  tolerance: float, dtype: str) -> dict[str, Any]:
     fmt.require()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    params = jax.tree.map(jnp.asarray, params)  # numpy leaves cannot be indexed by traced arrays
     check_args = tuple(np.asarray(a) for a in task.example_inputs(1, CHECK_DIMS))
-    ref, ref_forces = reference(task, params, check_args)
+    ref = reference(task, params, check_args)
     sidecar = {
         **provenance,
         "format": fmt.name,
         "versions": {p: _version(p) for p in ("trainkit", "jax", "flax", "torch")},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **signature(task, params, task.has_forces and fmt.runs_model),
+        "dtype": dtype,
+        **({"cutoff": task.cutoff} if task.cutoff is not None else {}),
     }
-    spec = ArtifactSpec(file=out.name, metadata=sidecar, args=check_args, ref=ref, ref_forces=ref_forces)
+    spec = ArtifactSpec(file=out.name, metadata=sidecar, args=check_args, ref=ref)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         report = fmt.write(task, params, tmp, spec)
@@ -107,26 +135,30 @@ def write_sidecar(path: Path, entry: Mapping[str, Any]) -> None:
     existing = json.loads(path.read_text()) if path.exists() else {}
     same_source = existing.get("source") == entry.get("source")
     artifacts = existing.get("artifacts", {}) if same_source else {}
-    artifacts[entry["format"]] = {k: entry[k] for k in ("file", "sha256", "parity", "inputs", "outputs")}
-    common = {k: v for k, v in entry.items() if k not in ("file", "sha256", "parity", "format", "outputs")}
+    artifacts[entry["format"]] = {k: entry[k] for k in ("file", "sha256", "parity", "inputs", "outputs", "dtype")}
+    common = {k: v for k, v in entry.items() if k not in ("file", "sha256", "parity", "format", "outputs", "dtype")}
     path.write_text(json.dumps({**common, "artifacts": artifacts}, indent=2, default=str))
 
 
-def export_checkpoint(source: str, out: str | Path, *, hf_token: str | None = None, tolerance: float = 1e-5,
-                      overwrite: bool = False, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """`python -m trainkit.export SOURCE -o OUT`: resolve, load, export, check, write the sidecar."""
+def export_checkpoint(source: str, out: str | Path, *, hf_token: str | None = None, tolerance: float | None = None,
+                      overwrite: bool = False, dtype: str = "float32", format: str | None = None,
+                      progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """`python -m trainkit.export SOURCE -o OUT`: resolve, load, export, check, write the sidecar. `format` picks
+    a format by name where the suffix is ambiguous (`metatomic` is a `.pt` too); else the suffix decides."""
     from trainkit.checkpoints.sources import resolve_source
     from trainkit.workdir import prepare_output
 
     out = Path(absolute_path(out))
-    format_of(out)
+    fmt = format_named(format, out) if format else format_of(out)
+    if dtype not in TOLERANCES:
+        raise TrainkitError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     if out.exists() and not overwrite:
         raise TrainkitError(f"{out} already exists; pass --overwrite to replace it, or choose another -o")
     prepare_output(out)  # before the (slow) load: an unwritable -o fails at once
     resolved = resolve_source(source, hf_token=hf_token)
     task, params, info = load_params_and_task(resolved.step_dir)
     provenance = {"source": {"origin": resolved.origin, "step": resolved.step}, **info}
-    entry = export_model(task, params, out, provenance, tolerance=tolerance)
+    entry = export_model(task, params, out, provenance, tolerance=tolerance, dtype=dtype, fmt=fmt)
     write_sidecar(out.with_suffix(".json"), entry)
     worst = Report(**entry["parity"]).worst
     progress(f"exported step {resolved.step} of {resolved.origin} to {out} (parity max_rel {worst:.2g})")
@@ -154,8 +186,8 @@ def export_final(workdir: epath.Path, step_dir: epath.Path, config, task: Task) 
     origin = str(workdir / "export" / "model.ckpt")  # where it ends up (for gs://, after the upload)
     provenance = {"source": {"origin": origin, "step": step}, "config": config.to_dict(), "model": task.name}
     for name in config.export.formats:
-        out = export_dir / f"model{FORMATS[name].suffix}"
-        entry = export_model(task, params, out, provenance, tolerance=config.export.tolerance)
+        out = export_dir / FORMATS[name].file_name
+        entry = export_model(task, params, out, provenance, tolerance=config.export.tolerance, fmt=FORMATS[name])
         write_sidecar(export_dir / "model.json", entry)
         worst = Report(**entry["parity"]).worst
         print(f"trainkit: exported {workdir / 'export' / out.name} (parity max_rel {worst:.2g})", flush=True)

@@ -1,8 +1,9 @@
 """The export formats: one table, `FORMATS`, read by config validation, the export command and the end of training.
 
 Adding a format is one row: a `Format` whose `write(task, params, path, spec) -> Report` writes the artifact to
-`path` and checks it against JAX once (on `spec.args`, against `spec.ref`). This module imports no JAX and no
-torch, so that `trainkit.config` can validate `export.formats` cheaply; each writer is imported on first use.
+`path` and checks it against JAX (on `spec.args`, against `spec.ref`, every output by name). This module imports
+no JAX and no torch, so that `trainkit.config` can validate `export.formats` cheaply; each writer is imported on
+first use.
 
     FORMATS["stablehlo"].suffix       # ".stablehlo"
     format_of("model.pt").name        # "pt"
@@ -78,8 +79,7 @@ class ArtifactSpec:
     file: str  # the final file name (the writer is handed a temporary path)
     metadata: Mapping[str, Any]  # the sidecar so far, for formats that embed it
     args: tuple[np.ndarray, ...]  # check inputs: their symbolic sizes differ from the tracing example's
-    ref: np.ndarray  # JAX's first output on `args`
-    ref_forces: np.ndarray | None  # JAX's forces on `args`, for potentials
+    ref: Mapping[str, np.ndarray]  # JAX's outputs on `args` by name (the signature's), "forces" included
 
 
 Writer = Callable[["Task", Any, Path, ArtifactSpec], Report]
@@ -105,6 +105,11 @@ class Format:
     write: Writer
     needs: Requirement | None = None
     runs_model: bool = True  # False for weights: no forces output in the signature
+    stem: str = "model"  # the file name at the end of training: W/export/<stem><suffix>
+
+    @property
+    def file_name(self) -> str:
+        return self.stem + self.suffix
 
     def missing(self) -> Requirement | None:
         """The optional package this format needs and this environment lacks, or None."""
@@ -125,6 +130,7 @@ def _imported(module: str, function: str) -> Writer:
 
 
 TORCH = Requirement("torch", "PyTorch", "torch")
+METATOMIC = Requirement("metatomic.torch", "metatomic-torch", "metatomic")
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("pt", ".pt", "TorchScript", _imported("trainkit.export.pt", "write_torchscript"), needs=TORCH),
@@ -132,7 +138,19 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            _imported("trainkit.export.stablehlo", "write_stablehlo")),
     Format("safetensors", ".safetensors", "weights", _imported("trainkit.export.safetensors", "write_safetensors"),
            runs_model=False),
+    Format("metatomic", ".pt", "metatomic AtomisticModel, with --format metatomic",
+           _imported("trainkit.export.metatomic", "write_metatomic"), needs=METATOMIC, stem="model-metatomic"),
 )}
+
+
+def format_named(name: str, out: str | Path) -> Format:
+    """The format `--format NAME` asks for; OUT must have its suffix."""
+    if name not in FORMATS:
+        raise TrainkitError(f"unknown --format {name!r}; choose one of {', '.join(FORMATS)}")
+    fmt = FORMATS[name]
+    if Path(out).suffix != fmt.suffix:
+        raise TrainkitError(f"--format {name} writes a {fmt.suffix} file; name the output {Path(out).stem}{fmt.suffix}")
+    return fmt
 
 
 def format_of(out: str | Path) -> Format:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from trainkit.export.formats import ArtifactSpec, Report
-from trainkit.export.parity import TRACE_DIMS, measure
+from trainkit.export.parity import TRACE_DIMS, measure, output_names
 from trainkit.export.torchscript import call_repeatedly, to_torchscript
 from trainkit.models import Task
 
@@ -29,7 +29,7 @@ def write_torchscript(task: Task, params: Any, path: Path, spec: ArtifactSpec) -
     )
     tensors = [torch.from_numpy(np.array(a, copy=True)) for a in spec.args]  # keeps 0-d inputs 0-d
     out = call_repeatedly(module, tensors)
-    report = measure(spec, out[0].numpy(), out[1].numpy() if task.has_forces else None)
+    report = measure(spec, {name: o.numpy() for name, o in zip(output_names(task), out)})
     embedded = {**spec.metadata, "parity": report.as_dict(), "file": spec.file}
     torch.jit.save(module, str(path), _extra_files={"model.json": json.dumps(embedded)})
     return report

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trainkit.export.formats import ArtifactSpec, Report
-from trainkit.export.parity import measure
+from trainkit.export.parity import measure, output_names
 from trainkit.models import InputSpec, Task
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -47,9 +47,8 @@ def write_stablehlo(task: Task, params: Any, path: Path, spec: ArtifactSpec) -> 
     export_stablehlo(lambda *a: task.predict(params, *a), task.inputs, path)
     exported = load_stablehlo(path)  # check what was written, not what is in memory
     out = exported.call(*spec.args)
-    got = out[0] if isinstance(out, (tuple, list)) else out
-    forces = None
-    if spec.ref_forces is not None:
+    outs = [np.asarray(o) for o in (out if isinstance(out, (tuple, list)) else [out])]
+    if task.has_forces:
         grad = jax.grad(lambda x: jnp.sum(exported.call(x, *spec.args[1:])))(spec.args[0])
-        forces = -np.asarray(grad)
-    return measure(spec, np.asarray(got), forces)
+        outs.append(-np.asarray(grad))
+    return measure(spec, dict(zip(output_names(task), outs)))

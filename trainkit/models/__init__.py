@@ -41,6 +41,10 @@ class Task:
     sharding_rules: ((regex on the param path, per-dim mesh axes), ...) for tensor ('model') parallelism;
       fsdp sharding is added on top by trainkit.sharding.
     has_forces: predict's first output is an energy whose -gradient w.r.t. the first input are forces.
+    atomic_energies(params, numbers (N,), edge_i (E,), edge_j (E,), vectors (E, 3)) -> (N,)   potentials on
+      neighbor lists: per-atom energies from numbers, edge indices and pair vectors (r_j - r_i + periodic image);
+      what the metatomic export wraps. None for other models.
+    cutoff: the neighbor-list cutoff (Å) `atomic_energies` needs its list built at; None for other models.
     """
 
     name: str
@@ -53,6 +57,8 @@ class Task:
     example_inputs: Callable[[int, Mapping[str, int]], tuple[Any, ...]]
     sharding_rules: tuple[tuple[str, tuple[str | None, ...]], ...] = ()
     has_forces: bool = False
+    atomic_energies: Callable[..., Any] | None = None
+    cutoff: float | None = None
 
 
 MODELS = {
@@ -60,6 +66,7 @@ MODELS = {
     "cnn": "trainkit.models.cnn",
     "transformer": "trainkit.models.transformer",
     "potential": "trainkit.models.potential",
+    "neighbor_potential": "trainkit.models.neighbors",
 }
 
 
