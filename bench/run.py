@@ -1,6 +1,6 @@
 """Run every benchmark and rewrite BENCHMARKS.md.
 
-    python bench/run.py            # the full run (~15 min on 2 cores), writes ./BENCHMARKS.md
+    python bench/run.py            # the full run (~22 min on 2 cores), writes ./BENCHMARKS.md
     python bench/run.py --quick    # ~3 min, smaller sizes and fewer repetitions
     python bench/run.py --only loop,first_step --out /tmp/B.md
 
@@ -31,6 +31,7 @@ SECTIONS = {  # key -> script, in report order
     "save_scaling": "save_scaling.py",
     "torchscript": "torchscript_speed.py",
     "first_step": "first_step.py",
+    "corpus": "corpus_speed.py",
 }
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore", "grain", "torch", "numpy")
 
@@ -161,26 +162,37 @@ def render(sections: list[dict], info: dict[str, str], quick: bool, started: dat
         ]
     lines += ["## Summary", "", "| | figure | measured | goal | result |", "|---|---|---|---|---|"]
     for section in sections:
-        number = section["title"].split(".")[0]
-        for figure in section["figures"]:
-            lines.append(f"| {number} | {figure['name']} | {_value(figure)} | {_goal(figure)} | "
-                         f"{_result(figure)} |")
-        if section.get("error"):
-            lines.append(f"| {section['key']} | (section failed) | — | — | **ERROR** |")
+        lines += summary_rows(section)
     missed = [f for s in sections for f in s["figures"] if f["passed"] is False]
     lines += ["", f"{len(missed)} goal(s) missed." if missed else "All goals met.", ""]
     for section in sections:
-        lines += [f"## {section['title']}", ""]
-        for figure in section["figures"]:
-            lines.append(f"- **{figure['name']}**: {_value(figure)} (goal {_goal(figure)}, {_result(figure)}). "
-                         f"{figure['measured']}.")
-            if figure["passed"] is False and figure["miss"]:
-                lines.append(f"  - *Why missed, and what would close it*: {figure['miss']}.")
-        if section["figures"]:
-            lines.append("")
-        for note in section["notes"]:
-            lines += [note, ""]
-        lines += [f"*Section time: {section['seconds']:.0f} s.*", ""]
+        lines.append(render_section(section))
+    return "\n".join(lines)
+
+
+def summary_rows(section: dict) -> list[str]:
+    """The section's rows of the Summary table."""
+    number = section["title"].split(".")[0]
+    rows = [f"| {number} | {figure['name']} | {_value(figure)} | {_goal(figure)} | {_result(figure)} |"
+            for figure in section["figures"]]
+    if section.get("error"):
+        rows.append(f"| {section['key']} | (section failed) | — | — | **ERROR** |")
+    return rows
+
+
+def render_section(section: dict) -> str:
+    """The section's part of BENCHMARKS.md: heading, figures (with why a goal was missed), notes, time."""
+    lines = [f"## {section['title']}", ""]
+    for figure in section["figures"]:
+        lines.append(f"- **{figure['name']}**: {_value(figure)} (goal {_goal(figure)}, {_result(figure)}). "
+                     f"{figure['measured']}.")
+        if figure["passed"] is False and figure["miss"]:
+            lines.append(f"  - *Why missed, and what would close it*: {figure['miss']}.")
+    if section["figures"]:
+        lines.append("")
+    for note in section["notes"]:
+        lines += [note, ""]
+    lines += [f"*Section time: {section['seconds']:.0f} s.*", ""]
     return "\n".join(lines)
 
 

@@ -167,7 +167,8 @@ def measure_cases(quick: bool, models: set[str] | None = None) -> list[dict]:
                            random_params(lm), {"batch": config.batch_size, "seq": config.data.seq_len}, False,
                            rounds, calls))
     if not models or "potential" in models:
-        config, pot = _task("potential", POTENTIAL_INFO)
+        # the dense model: configs/potential.py is the neighbor-list one since #15
+        config, pot = _task("potential_dense", POTENTIAL_INFO)
         params, atoms = random_params(pot), {"batch": config.batch_size, "atoms": 32}
         for with_forces in (False, True):
             cases.append(_case(f"potential energy{' + forces' if with_forces else ''} ({config.batch_size}×32 atoms)",
