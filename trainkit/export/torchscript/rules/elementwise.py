@@ -2,8 +2,10 @@
 and dtype conversions.
 
 Each rule is `rule(g: Emitter, eqn, ins) -> [expression per output]`; `g.t(x)` gives a tensor, `g.s(x)` a
-Python scalar where the torch op takes one. Translations keep JAX's gradient where torch's differs (clamp at
-the bounds); `max`/`min`/`abs`/`sqrt` already agree (ties split evenly, sign(0) = 0, ...).
+Python scalar where the torch op takes one. Arithmetic and comparisons take their literal operands as 0-d
+buffers of the literal's dtype (`g.t`): with a Python number, every call converts it to a tensor first, which
+doubles the cost of an op on a small tensor (measured: 10 `x * 0.5` on 16×3, 41 µs; with a 0-d buffer, 22 µs).
+Translations keep JAX's gradient where torch's differs (clamp at the bounds); `max`/`min`/`abs`/`sqrt` already agree (ties split evenly, sign(0) = 0, ...).
 """
 
 from __future__ import annotations
@@ -101,10 +103,10 @@ def _operator(g: Emitter, eqn, ins) -> list[str]:
     if isinstance(a, str) or isinstance(b, str):
         if not isinstance(a, str):  # scalar on the left: TorchScript wants the tensor first
             if name == "sub":
-                return [f"torch.rsub({b}, {g.s(a)})"]
+                return [f"torch.rsub({b}, {g.t(a)})"]
             name, a, b = _MIRROR[name], b, a
-        return [f"{a} {_OPERATORS[name]} {g.s(b)}"]
-    return [f"{g.t(a)} {_OPERATORS[name]} {g.s(b)}"]
+        return [f"{a} {_OPERATORS[name]} {g.t(b)}"]
+    return [f"{g.t(a)} {_OPERATORS[name]} {g.t(b)}"]
 
 
 def _is_scalar(x: object, value: float | None) -> bool:
@@ -112,14 +114,14 @@ def _is_scalar(x: object, value: float | None) -> bool:
 
 
 def _div(g: Emitter, eqn, ins) -> list[str]:
-    a, b = g.t(ins[0]), g.s(ins[1])
+    a, b = g.t(ins[0]), g.t(ins[1])
     if is_float(eqn.outvars[0].aval):
         return [f"{a} / {b}"]
     return [f'torch.div({a}, {b}, rounding_mode="trunc")']  # lax.div on integers rounds toward zero
 
 
 def _rem(g: Emitter, eqn, ins) -> list[str]:
-    return [f"torch.fmod({g.t(ins[0])}, {g.s(ins[1])})"]  # C semantics: sign of the dividend, as lax.rem
+    return [f"torch.fmod({g.t(ins[0])}, {g.t(ins[1])})"]  # C semantics: sign of the dividend, as lax.rem
 
 
 def _pow(g: Emitter, eqn, ins) -> list[str]:
@@ -148,7 +150,10 @@ def _select_n(g: Emitter, eqn, ins) -> list[str]:
     p = g.t(pred)
     if eqn.invars[0].aval.dtype == np.bool_:
         if is_float(eqn.outvars[0].aval) and any(g.needs_grad(c) for c in cases):
-            return [selected(g, p, cases[1], cases[0])]
+            live = [c for c in cases if isinstance(c, str) and g.needs_grad(c)]
+            plain = f"torch.where({p}, {g.s(cases[1])}, {g.s(cases[0])})"
+            return [f"{selected(g, p, cases[1], cases[0])} if {' or '.join(f'{c}.requires_grad' for c in live)} "
+                    f"else {plain}"]
         if eqn.outvars[0].aval.dtype == np.bool_:  # TorchScript types where(p, True, t) as Long: tensors only
             return [f"torch.where({p}, {g.t(cases[1])}, {g.t(cases[0])})"]
         return [f"torch.where({p}, {g.s(cases[1])}, {g.s(cases[0])})"]
