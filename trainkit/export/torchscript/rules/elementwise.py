@@ -5,7 +5,8 @@ Each rule is `rule(g: Emitter, eqn, ins) -> [expression per output]`; `g.t(x)` g
 Python scalar where the torch op takes one. Arithmetic and comparisons take their literal operands as 0-d
 buffers of the literal's dtype (`g.t`): with a Python number, every call converts it to a tensor first, which
 doubles the cost of an op on a small tensor (measured: 10 `x * 0.5` on 16×3, 41 µs; with a 0-d buffer, 22 µs).
-Translations keep JAX's gradient where torch's differs (clamp at the bounds); `max`/`min`/`abs`/`sqrt` already agree (ties split evenly, sign(0) = 0, ...).
+Translations keep JAX's gradient where torch's differs (clamp at the bounds); `max`/`min`/`abs`/`sqrt` already
+agree (ties split evenly, sign(0) = 0, ...).
 """
 
 from __future__ import annotations
