@@ -183,3 +183,28 @@ def test_parity_records_its_shapes_in_the_sidecar_json(tmp_path):
     module = to_torchscript(lambda p, x: x * p, np.float32(3.0), [np.ones((4, 2), np.float32)],
                             dynamic_axes=[{0: "n"}])
     assert json.loads(json.dumps(module.parity))["sizes"] == [[[4, 2]], [[3, 2]]]
+
+
+def test_a_run_time_failure_in_the_interpreter_is_one_line_naming_the_op():
+    from trainkit.export.torchscript import call_repeatedly
+
+    class Broken(torch.nn.Module):  # what a wrong translation looks like: a Long mask where torch wants a bool
+        def forward(self, x):
+            return x.masked_fill(x.long(), 0.0)
+
+    with pytest.raises(TrainkitError) as e:
+        call_repeatedly(torch.jit.script(Broken()), [torch.ones(3)])
+    message = str(e.value)
+    assert "\n" not in message and "masked_fill_ only supports boolean masks" in message
+    assert "`return x.masked_fill(x.long(), 0.0)`" in message and "converter bug" in message
+
+
+def test_an_unsupported_primitive_in_the_derivative_says_so():
+    """max pooling differentiates to select_and_scatter_add: the forward exports, with_forces says why not."""
+    def pooled(params, x):
+        return jnp.sum(nn.max_pool(x * params, (2, 2), strides=(2, 2)))
+
+    x = np.random.default_rng(0).normal(size=(1, 4, 4, 1)).astype(np.float32)
+    to_torchscript(pooled, np.float32(2.0), [x])
+    with pytest.raises(TrainkitError, match="select_and_scatter_add.*JAX's derivative of the model"):
+        to_torchscript(pooled, np.float32(2.0), [x], with_forces=True)

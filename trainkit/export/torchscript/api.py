@@ -73,7 +73,15 @@ def to_torchscript(fn: Callable[..., Any], params: Any, example_args: Sequence[A
         raise TrainkitError("with_forces=True differentiates with respect to the first input, which must be a "
                             "float array (e.g. positions)")
     closed, n_outputs = _trace(with_jax_forces(fn) if with_forces else fn, params, args, axes, bounds)
-    source, buffers = _generate(closed, params, args, names, axes, bounds, n_outputs)
+    try:
+        source, buffers = _generate(closed, params, args, names, axes, bounds, n_outputs)
+    except TrainkitError as e:
+        missing = re.search(r"primitive '([^']+)'", str(e))
+        if not with_forces or missing is None or missing[1] in _primitives(_trace(fn, params, args, axes, bounds)[0]):
+            raise
+        raise TrainkitError(f"{e} (it is in JAX's derivative of the model, which with_forces=True translates: "
+                            "export without with_forces and differentiate the module with torch autograd, or "
+                            "avoid the operation whose derivative needs it)") from None
     module = _script(source, buffers)
     report = None
     if parity_tolerance == "auto":
@@ -131,7 +139,12 @@ def call_repeatedly(module: Callable[..., Any], inputs: Sequence[torch.Tensor],
     first: list[torch.Tensor] | None = None
     for k in range(calls):
         with torch.no_grad():
-            out = module(*inputs)
+            try:
+                out = module(*inputs)
+            except RuntimeError as e:  # torch.jit.Error included: the op and the generated line, in one line
+                raise TrainkitError(f"the exported module failed at run time (call {k + 1}) on inputs of shape "
+                                    f"{[tuple(x.shape) for x in inputs]}: {_interpreter_error(e)}; this is a "
+                                    "converter bug, please report it with the model") from None
         outs = [out] if isinstance(out, torch.Tensor) else list(out)
         if first is None:
             first = outs
@@ -141,6 +154,27 @@ def call_repeatedly(module: Callable[..., Any], inputs: Sequence[torch.Tensor],
             raise TrainkitError(f"the exported module's outputs changed between call 1 and call {k + 1} on the same "
                                 "inputs; this is a converter bug, please report it with the model")
     return first or []
+
+
+def _primitives(closed: core.ClosedJaxpr) -> set[str]:
+    """The names of the primitives in a jaxpr and its sub-jaxprs."""
+    names: set[str] = set()
+    todo = [closed.jaxpr]
+    while todo:
+        jaxpr = todo.pop()
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            todo.extend(core.jaxprs_in_params(eqn.params))
+    return names
+
+
+def _interpreter_error(error: Exception) -> str:
+    """The TorchScript interpreter's error in one line: the failing generated line and torch's own message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = next((line for line in reversed(lines) if line.startswith(("RuntimeError:", "AssertionError:"))),
+                   lines[-1] if lines else type(error).__name__)
+    code = next((lines[i - 1] for i, line in enumerate(lines) if i and line.endswith("<--- HERE")), "")
+    return f"{message} at `{code}`" if code else message
 
 
 def _tolerance(args: tuple, closed: core.ClosedJaxpr) -> float:
