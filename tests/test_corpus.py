@@ -27,8 +27,8 @@ from trainkit.export.torchscript import to_torchscript
 
 TOL = {"float32": (1e-4, 1e-5), "float64": (1e-9, 1e-11), "bfloat16": (2e-2, 2e-2)}  # (rtol, atol)
 CALLS = 3
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
-                                        "ignore::FutureWarning")
+pytestmark = [pytest.mark.slow,  # ~4 min for the 67 cases
+              pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")]
 
 WORKER = textwrap.dedent("""
     import json, sys

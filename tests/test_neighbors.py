@@ -357,6 +357,7 @@ def test_the_neighbor_model_refuses_dense_batches(tiny):
         build_task(config, load_dataset(config.data).info)
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_through_the_cli(tmp_path):
     train(tmp_path, "--config.export.formats=()", config="configs/potential.py:tiny")
     records = read_metrics(tmp_path)
