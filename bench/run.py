@@ -32,6 +32,7 @@ SECTIONS = {  # key -> script, in report order
     "torchscript": "torchscript_speed.py",
     "first_step": "first_step.py",
     "corpus": "corpus_speed.py",
+    "md_scaling": "md_scaling.py",
 }
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore", "grain", "torch", "numpy")
 

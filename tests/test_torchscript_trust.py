@@ -208,3 +208,16 @@ def test_an_unsupported_primitive_in_the_derivative_says_so():
     to_torchscript(pooled, np.float32(2.0), [x])
     with pytest.raises(TrainkitError, match="select_and_scatter_add.*JAX's derivative of the model"):
         to_torchscript(pooled, np.float32(2.0), [x], with_forces=True)
+
+
+def test_index_inputs_are_not_cut_into_a_false_alarm():
+    """Neighbor-list style: edge indices into a dynamic atoms axis. Cutting the atoms short would leave indices
+    past the end (JAX clamps them, the translation need not): the export checks the example size only."""
+    def pair_sum(params, x, i, j):
+        return jax.ops.segment_sum(jnp.sum((x[j] - x[i]) ** 2, -1) * params, i, num_segments=x.shape[0])
+
+    x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    i, j = np.array([0, 1, 2, 5, 4], np.int32), np.array([5, 2, 1, 0, 3], np.int32)
+    module = to_torchscript(pair_sum, np.float32(0.5), [x, i, j], dynamic_axes=[{0: "atoms"}, {0: "edges"},
+                                                                                 {0: "edges"}])
+    assert module.parity["sizes"] == [[[6, 3], [5], [5]]] and module.parity["max_rel"] <= 1e-6

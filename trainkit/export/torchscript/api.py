@@ -211,13 +211,23 @@ def _shortened(args: tuple, axes: list[dict[int, str]], bounds: list[Bound]) -> 
     no such axis)."""
     sizes = {sym: a.shape[i] for a, spec in zip(args, axes) for i, sym in spec.items()}
     new = {sym: n - 1 for sym, n in sizes.items() if n > 1 and all(b.allows(n - 1) for b in bounds if b.sym == sym)}
-    if not new:
+    if not new or any(_indexes_past(a, sizes, new) for a in args):
         return []
     out = []
     for a, spec in zip(args, axes):
         index = tuple(slice(0, new[spec[i]]) if spec.get(i) in new else slice(None) for i in range(a.ndim))
         out.append(np.array(a[index], copy=True))  # (ascontiguousarray would make a 0-d input 1-d)
     return [tuple(out)]
+
+
+def _indexes_past(a: np.ndarray, sizes: dict[str, int], new: dict[str, int]) -> bool:
+    """An integer input that looks like indices into a dynamic axis (neighbor-list atom indices: all in range of
+    its size, the last element included) would point past the shortened axis; JAX clamps such an index and the
+    translation need not, so the cut inputs would test nothing but that."""
+    if not np.issubdtype(a.dtype, np.integer) or a.size == 0 or a.min() < 0:
+        return False
+    top = int(a.max())
+    return any(top < sizes[sym] and top >= n for sym, n in new.items())
 
 
 def with_jax_forces(fn: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
