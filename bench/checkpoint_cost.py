@@ -1,5 +1,6 @@
-"""2. What async checkpoints cost the training loop: wall time with a save every 50 steps vs. none (goal ≤ 1.05×),
-and the milliseconds the loop is blocked per save (goal ≤ 10 ms).
+"""2. What async checkpoints cost the training loop: wall time with a save every 50 steps vs. none (goal ≤ 1.03×),
+and the milliseconds the loop is blocked per save (goals: ≤ 10 ms median, ≤ 50 ms worst, first save included), for
+this widened MLP and for the default config as `python -m trainkit.main` runs it.
 
 The state must be big enough for saving to matter: the default config's MLP variant widened to ~50 MB of
 TrainState (params + AdamW moments; ~25 MB in --quick), batch 32. Both runs evaluate only at the last step,
@@ -38,6 +39,17 @@ def _config(hidden: int, num_steps: int, every: int) -> ml_collections.ConfigDic
     return config
 
 
+def _default_config() -> ml_collections.ConfigDict:
+    """configs/default.py as is (the CNN, 1.8 MB of state), 150 steps, saves at 50, 100, 150."""
+    from configs import default
+
+    config = default.get_config()
+    config.num_steps, config.eval_every, config.checkpoint.every = 150, 150, EVERY
+    config.export.formats = ()
+    config.progress = "log"
+    return config
+
+
 def state_bytes(hidden: int) -> int:
     """TrainState bytes of the widened MLP on digits (64 inputs, 10 classes): params + two AdamW moments."""
     params = 64 * hidden + hidden + hidden * hidden + hidden + hidden * 10 + 10
@@ -62,6 +74,8 @@ def run(quick: bool) -> Section:
     with tempfile.TemporaryDirectory(prefix="bench-xla-cache-", dir=harness.scratch_dir()) as cache:
         harness.reuse_compilations(cache)
         wall = harness.interleaved({"with": with_saves, "without": without}, repeats)
+        default_runs = [trainkit_runs.train(_default_config(), WINDOW_START) for _ in range(1 if quick else 2)]
+    default_ms = [1e3 * s for run in default_runs for _, s in run.save_calls]
 
     in_window = [(step, s) for run in runs_with for step, s in run.save_calls if step <= last_save]
     blocked_ms = [1e3 * s for _, s in in_window]
@@ -75,7 +89,7 @@ def run(quick: bool) -> Section:
     section = Section("checkpoint_cost", "2. Async checkpoints: cost to the training loop")
     section.figures.append(Figure(
         f"wall time, save every {EVERY} steps ÷ no saves ({nbytes[0] / 1e6:.0f} MB per save)",
-        harness.paired_ratio(wall["with"], wall["without"]), "×", ("<=", 1.05),
+        harness.paired_ratio(wall["with"], wall["without"]), "×", ("<=", 1.03),
         f"{harness.spread(wall['with'])} s vs {harness.spread(wall['without'])} s for steps "
         f"{WINDOW_START + 1}..{num_steps}",
         f"each save cost the loop ≈ {per_save_ms:.0f} ms (≈ {per_save_ms / step_ms:.1f} steps of {step_ms:.0f} ms): "
@@ -83,21 +97,25 @@ def run(quick: bool) -> Section:
         "cores as XLA's step threads, so its CPU time becomes step time; a host with spare cores (any "
         f"accelerator host) overlaps it. Closing it here: `checkpoint.every` ≥ {every_for_5pct} keeps this state "
         "under 5%, or a cheaper manifest (see section 3)"))
-    section.figures.append(Figure(
-        "loop blocked per async save (median)", harness.median(blocked_ms), "ms", ("<=", 10.0),
-        f"{len(blocked_ms)} saves: {harness.spread(blocked_ms)} ms in CheckpointManager.save, of which Orbax's "
-        f"save() {harness.spread(orbax_ms)} ms",
-        "this is the synchronous part of Orbax's async `save()`, mostly a fixed cost (section 4 measures it per "
-        "state size: ~20–30 ms at 10–100 MB, growing slowly beyond): per save Orbax starts about ten threads "
-        "and a fresh asyncio loop, and each `Thread.start()` waits until the new thread is scheduled — "
-        "milliseconds each on 2 oversubscribed cores; the first save of a run also pays one-time setup. "
-        "Closing it: hand the save to trainkit's own "
-        "checkpoint thread (after an on-device copy of the donated state), so the loop only enqueues a copy"))
+    blocked_miss = ("the loop only dispatches an on-device copy of the state and queues it for trainkit's checkpoint "
+                    "thread (Orbax, the manifest and retention run there); what remains is Python and XLA dispatch "
+                    "competing for 2 shared cores")
+    cases = ((f"widened MLP, {nbytes[0] / 1e6:.0f} MB", blocked_ms), ("default config, 1.8 MB", default_ms))
+    for label, values in cases:
+        section.figures.append(Figure(
+            f"loop blocked per save, {label} (median, first save included)", harness.median(values), "ms",
+            ("<=", 10.0), f"{len(values)} saves: {harness.spread(values)} ms in CheckpointManager.save",
+            blocked_miss))
+        section.figures.append(Figure(
+            f"loop blocked per save, {label} (worst, first save included)", max(values), "ms", ("<=", 50.0),
+            f"{len(values)} saves", blocked_miss))
     section.notes += [
         f"MLP hidden=({hidden}, {hidden}), batch 32, {repeats} alternating repetitions of each run; "
         f"{len(blocked_ms) // max(repeats, 1)} saves per run inside the window (steps "
         f"{', '.join(str(s) for s in range(EVERY, last_save + 1, EVERY))}); step ≈ {step_ms:.0f} ms.",
-        f"Each save took {harness.spread(write_s)} s in the background (Orbax write until finalized).",
+        f"Each save took {harness.spread(write_s)} s on the checkpoint thread (Orbax write, manifest, aliases); "
+        f"of the widened MLP's blocked time, {harness.spread(orbax_ms)} ms as the manager recorded it.",
+        f"Default config: {len(default_runs)} run(s) of `configs/default.py` (CNN), saves at steps 50, 100, 150.",
     ]
     return section
 

@@ -98,7 +98,7 @@ CASES = [
                                "--config.model.hidden=64"), "model.hidden", "--init_from"),
     case("resume-from-newer-version", main("--resume_from={IN}/newer/checkpoints/000020"), "format version 99",
          "upgrade trainkit"),
-    case("resume-from-flipped-byte", main("--resume_from={IN}/corrupt/checkpoints/000020"), "damaged", "sha256"),
+    case("resume-from-flipped-byte", main("--resume_from={IN}/corrupt/checkpoints/000020"), "damaged", "crc32c"),
     case("init-from-flipped-byte", main("--init_from={IN}/corrupt/checkpoints/000020"), "damaged"),
     case("resume-from-truncated-pack", main("--resume_from={IN}/truncated.ckpt"), "truncated.ckpt",
          "truncated or corrupted"),

@@ -206,7 +206,7 @@ def test_verify_manifest_names_each_damaged_file(workdir, tmp_path):
     deleted.unlink()
     problems = verify_manifest(step_dir)
     assert len(problems) == 3
-    assert any(str(flipped) in p and "sha256" in p for p in problems)
+    assert any(str(flipped) in p and "crc32c" in p for p in problems)
     assert any(str(truncated) in p and "bytes" in p for p in problems)
     assert any(str(deleted) in p and "missing" in p for p in problems)
     (step_dir / "manifest.json").unlink()
@@ -307,7 +307,7 @@ def test_unpack_verifies_the_manifest(packed, tmp_path, cache):
                 data = data.replace(b"mlp", b"cnn")
             tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
     message = error_of(str(damaged), cache_dir=cache)
-    assert "is damaged" in message and "train_config.json" in message and "sha256" in message
+    assert "is damaged" in message and "train_config.json" in message and "crc32c" in message
     assert not list((Path(cache) / "unpacked").rglob("000080"))
 
     truncated = tmp_path / "truncated.ckpt"

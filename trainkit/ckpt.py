@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_inspect)
-    p = sub.add_parser("verify", help="check the manifest (sizes, sha256); exit 1 on damage")
+    p = sub.add_parser("verify", help="check the manifest (sizes, checksums); exit 1 on damage")
     p.add_argument("source")
     p.set_defaults(fn=cmd_verify)
     p = sub.add_parser("diff", help="which leaves differ between two checkpoints, and by how much")

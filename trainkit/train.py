@@ -182,7 +182,7 @@ def train_loop(experiment: Experiment, workdir: epath.Path, checkpoints: Checkpo
     saved_step = step if start.resumed else None
     try:
         while step < config.num_steps:
-            stopped_by = stops.reason(checkpoints.last_blocked_s, step)
+            stopped_by = stops.reason(checkpoints.expected_save_s, step)
             if stopped_by:
                 break
             batch = sharding.global_batch(next(batches), experiment.batch_sharding)

@@ -19,12 +19,14 @@ from trainkit.checkpoints.manifest import verify_manifest
 TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-def start_training(workdir: Path, *args: str, log: Path, config: str = "configs/default.py") -> subprocess.Popen:
-    """`python -m trainkit.main` in the background, stdout and stderr appended to `log` (unbuffered)."""
+def start_training(workdir: Path, *args: str, log: Path, config: str = "configs/default.py",
+                   **env: str) -> subprocess.Popen:
+    """`python -m trainkit.main` in the background, stdout and stderr appended to `log` (unbuffered); `env` adds
+    environment variables (an LD_PRELOAD shim, say)."""
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "trainkit.main", f"--config={config}", f"--workdir={workdir}", *args],
-            cwd=ROOT, env=cli_env(PYTHONUNBUFFERED="1"), stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=cli_env(PYTHONUNBUFFERED="1", **env), stdout=out, stderr=subprocess.STDOUT,
         )
 
 

@@ -2,23 +2,24 @@
 
 A step dir `W/checkpoints/000040/` holds the Orbax items `state` (TrainState), `data` (iterator position) and
 `meta` (a CheckpointMeta: format version, model, best-so-far, logger ids), plus `train_config.json` and `manifest.json`
-(sizes and sha256 of every file). The manifest is written after Orbax has finalized the step, in a background
-thread, so the loop never waits on I/O; a step is *good* when its manifest verifies.
+(size and crc32c of every file). The loop only dispatches an on-device copy of the state and queues it; Orbax's
+save, the manifest, the aliases and retention run on trainkit's checkpoint thread (checkpoints.save_queue: at most
+one save waits behind the one being written). A step is *good* when its manifest verifies.
 
 Retention keeps the union of the last `keep_last`, the best `keep_best` by `best_metric`, and every `keep_every`-th
-step (an AnyPreservationPolicy: Orbax's own best_fn + max_to_keep would delete the latest step when it is not
-among the best). Aliases `last`/`best`/`final` are pointer files (checkpoints.layout). The manager is the one
-owner of "best": it decides when an eval is a new best (`improved_best`), keeps the best steps and writes `best`.
+step (checkpoints.orbax_options, which also picks the state's layout on disk). Aliases `last`/`best`/`final` are
+pointer files (checkpoints.layout). The manager is the one owner of "best": it decides when an eval is a new best
+(`improved_best`), keeps the best steps and writes `best`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import math
 import shutil
+import threading
 import time
 from typing import Any, Mapping
 
@@ -27,20 +28,23 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from trainkit import config as config_lib
 from trainkit import distributed
 from trainkit.checkpoints.meta import FORMAT_VERSION, Best, CheckpointMeta, check_readable
 from trainkit.errors import TrainkitError, find_write_error
 from trainkit.checkpoints.manifest import list_files, verify_manifest, write_manifest
+from trainkit.checkpoints.fast_restore import read_state
 from trainkit.checkpoints.layout import list_steps, step_dir_name, write_alias
+from trainkit.checkpoints.orbax_options import orbax_manager
+from trainkit.checkpoints.save_queue import SaveFailed, SaveQueue, snapshot
 from trainkit.paths import is_local
 
 CONFIG_FILE = "train_config.json"
 # Retention first renames a step out of the way (atomic), then trainkit deletes it: a kill mid-delete must not
 # leave a half-deleted step that still looks like one.
 DELETING_DIR = ".deleting"
+TMP_MARK = ".orbax-checkpoint-tmp"  # an unfinished save: never listed, removed at start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +104,12 @@ def restore_step(step_dir: epath.PathLike, abstract_state: Any) -> Restored:
     """Restore a step dir into `abstract_state`'s shapes, dtypes and shardings (any mesh, any device count)."""
     step_dir = epath.Path(step_dir)
     meta = read_meta(step_dir)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-    state = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-        step_dir / "state", args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
-    )
+    state = read_state(step_dir / "state", abstract_state)  # local zarr-per-array steps, at disk speed
+    if state is None:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        state = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+            step_dir / "state", args=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args)
+        )
     data_dir = step_dir / "data"
     data_state = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(data_dir) if data_dir.exists() else None
     return Restored(state, data_state, meta, meta.step, step_dir)
@@ -138,20 +144,16 @@ def _set_aside(step_dir: epath.Path, target: epath.Path) -> None:
     step_dir.rmtree()
 
 
-def _preservation_policy(ck: ml_collections.ConfigDict) -> pp.PreservationPolicy:
-    policies: list[pp.PreservationPolicy] = [pp.LatestN(ck.keep_last)]
-    if ck.keep_best:
-        policies.append(
-            pp.BestN(
-                get_metric_fn=lambda m: m[ck.best_metric],
-                reverse=ck.best_mode == "min",
-                n=ck.keep_best,
-                keep_checkpoints_without_metrics=False,
-            )
-        )
-    if ck.keep_every:
-        policies.append(pp.EveryNSteps(ck.keep_every))
-    return pp.AnyPreservationPolicy(policies)
+@dataclasses.dataclass
+class _SaveJob:
+    """One save handed from the loop to the checkpoint thread."""
+
+    step: int
+    args: ocp.args.Composite
+    metrics: dict[str, float] | None
+    start: float  # when the loop called save()
+    blocked_s: float = 0.0  # how long save() kept the loop, set once it returns
+    handed_over: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 class CheckpointManager:
@@ -165,35 +167,33 @@ class CheckpointManager:
         self.config = config
         ck = config.checkpoint
         self._primary = jax.process_index() == 0
-        self._sync = not ck.async_save
+        # With several processes a save waits in the loop's thread: Orbax's cross-process barriers on the checkpoint
+        # thread, beside the train step's collectives on the loop's, deadlock (seen with 2 processes on CPU).
+        self._sync = not ck.async_save or jax.process_count() > 1
         # Process 0 verifies (and sets damaged steps aside); the others take its answer, so all start alike.
         self._good_step = self._find_good_step() if self._primary and self.directory.exists() else None
+        if self._primary and self.directory.exists():  # what Orbax would remove when built (at the first save)
+            for tmp_dir in self.directory.glob(f"*{TMP_MARK}*"):
+                tmp_dir.rmtree()
         self._good_step = distributed.broadcast_from_primary(self._good_step)
         self._finish_deletions()
-        options = ocp.CheckpointManagerOptions(
-            step_format_fixed_length=6,
-            preservation_policy=_preservation_policy(ck),
-            best_fn=(lambda m: m[ck.best_metric]) if ck.keep_best else None,
-            best_mode=ck.best_mode,
-            cleanup_tmp_directories=True,
-            todelete_subdir=DELETING_DIR if self._local else None,
-            enable_async_checkpointing=ck.async_save,
-            create=True,
-        )
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            item_handlers={
-                "state": ocp.PyTreeCheckpointHandler(use_compression=ck.compression),
-                "data": ocp.JsonCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
-            options=options,
-        )
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="trainkit-ckpt")
-        self._pending: concurrent.futures.Future | None = None
-        self._pending_step: int | None = None
+        self._manager: ocp.CheckpointManager | None = None  # built by the first save, which knows the state
+        self._queue = SaveQueue(announce=self._announce)
         self.last_blocked_s = 0.0
         self.saves: list[dict[str, float]] = []  # one record per save: step, bytes, seconds, blocked_s
+
+    @property
+    def expected_save_s(self) -> float:
+        """How long the next save may take to reach the disk (the last one's time on the checkpoint thread, twice
+        if one was waiting): what a walltime budget keeps in hand for the final save."""
+        if not self.saves:
+            return self.last_blocked_s
+        last = self.saves[-1]
+        return last["seconds"] + last.get("queued_s", 0.0)
+
+    def _announce(self, line: str) -> None:
+        if self._primary:
+            print(line, flush=True)
 
     # -- reading -------------------------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -251,48 +251,68 @@ class CheckpointManager:
         meta: CheckpointMeta,
         metrics: Mapping[str, float] | None = None,
     ) -> None:
-        """Start saving `step`; returns once the arrays are copied off the devices (async) or written (sync).
-        `meta` is written as of `step` (its `step` is set here), in the current format: the one place it is written."""
-        self.wait()
+        """Hand `step` to the checkpoint thread and return (async), or write it and return (sync).
+
+        The loop keeps only the cost of dispatching an on-device copy of `state` (the next train step may donate
+        `state`'s buffers; the copy is what gets written) and of queueing it: Orbax's save, the manifest, the
+        aliases and retention all run on the checkpoint thread (checkpoints.save_queue), at most one save waiting
+        behind the one being written. `meta` is written as of `step` (its `step` is set here), in the current
+        format: the one place it is written."""
         start = time.perf_counter()
-        self._pending_step = step
+        # An async save writes a copy (dispatched, not waited for; ordered before the next step donates `state`); a
+        # sync one is written before save() returns, so `state` itself is safe to write.
+        copy = state if self._sync else snapshot(state)
+        job = _SaveJob(step, ocp.args.Composite(
+            state=ocp.args.PyTreeSave(copy),
+            data=ocp.args.JsonSave(dict(data_state)),
+            meta=ocp.args.JsonSave(dataclasses.replace(meta, step=step).to_json()),
+        ), dict(metrics) if metrics else None, start)
         with self._write_errors_are_user_errors():
-            ok = self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeSave(state),
-                    data=ocp.args.JsonSave(dict(data_state)),
-                    meta=ocp.args.JsonSave(dataclasses.replace(meta, step=step).to_json()),
-                ),
-                metrics=dict(metrics) if metrics else None,
-                force=True,
-            )
-        if not ok:
-            raise RuntimeError(f"Orbax declined to save step {step}")
-        blocked = time.perf_counter() - start
-        self.last_blocked_s = blocked
-        self._pending = self._worker.submit(self._after_save, step, start, blocked)
+            self._queue.submit(step, lambda: self._write(job))
+        job.blocked_s = time.perf_counter() - start
+        job.handed_over.set()
         if self._sync:
             self.wait()
+        self.last_blocked_s = time.perf_counter() - start
 
-    def _after_save(self, step: int, start: float, blocked: float) -> None:
-        self._manager.wait_until_finished()
+    def _orbax(self, state: Any) -> ocp.CheckpointManager:
+        """Orbax's CheckpointManager, built by the first save (on the checkpoint thread) for the state it saves."""
+        if self._manager is None:
+            self._manager = orbax_manager(self.directory, self.config.checkpoint, state,
+                                          todelete_subdir=DELETING_DIR if self._local else None)
+        return self._manager
+
+    def _write(self, job: _SaveJob) -> None:
+        """On the checkpoint thread: Orbax's save (synchronous here: this thread is the asynchrony), then the
+        manifest, the aliases and the one-line summary."""
+        began = time.perf_counter()
+        orbax = self._orbax(job.args.state.item)
+        ok = orbax.save(job.step, args=job.args, metrics=job.metrics, force=True)
+        if not ok:
+            raise RuntimeError(f"Orbax declined to save step {job.step}")
+        written = time.perf_counter()
         self._finish_deletions()
-        seconds = time.perf_counter() - start
-        nbytes = self._complete(step)
+        nbytes = self._complete(job.step)
         if nbytes is None:  # removed by retention before we got here (cannot happen for the latest)
             return
         if self._primary:
-            write_alias(self.directory, "last", step)
-            best = self._manager.best_step()
+            write_alias(self.directory, "last", job.step)
+            best = orbax.best_step()
             if self.config.checkpoint.keep_best and best is not None:
                 write_alias(self.directory, "best", best)
-        record = {"step": step, "bytes": nbytes, "seconds": seconds, "blocked_s": blocked}
+        end = time.perf_counter()
+        job.handed_over.wait()
+        if self._sync:  # the loop waits for the whole save
+            job.blocked_s = end - job.start
+        seconds = end - began
+        record = {"step": job.step, "bytes": nbytes, "seconds": seconds, "blocked_s": job.blocked_s,
+                  "queued_s": began - job.start, "orbax_s": written - began, "manifest_s": end - written}
         self.saves.append(record)
         if self._primary:
-            print(f"trainkit: saved step {step}: {nbytes / 1e6:.1f} MB in {seconds:.2f} s "
-                  f"({nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s), train loop blocked {blocked * 1e3:.1f} ms",
-                  flush=True)
+            queued = f", waited {began - job.start:.2f} s for the previous save" if began - job.start > 0.05 else ""
+            print(f"trainkit: saved step {job.step}: {nbytes / 1e6:.1f} MB in {seconds:.2f} s "
+                  f"({nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s){queued}, train loop blocked "
+                  f"{job.blocked_s * 1e3:.1f} ms", flush=True)
 
     def _finish_deletions(self) -> None:
         """Delete the steps that retention renamed into W/checkpoints/.deleting/ (also those a kill interrupted)."""
@@ -311,42 +331,45 @@ class CheckpointManager:
         return 0
 
     def wait(self) -> None:
-        """Block until the pending save is on disk with its manifest; re-raise its error if it failed."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            with self._write_errors_are_user_errors():
-                pending.result()
+        """Block until every save handed over is on disk with its manifest; re-raise the error of one that failed."""
+        with self._write_errors_are_user_errors():
+            self._queue.wait()
 
     @contextlib.contextmanager
     def _write_errors_are_user_errors(self):
-        """A save that fails on a full disk, a read-only remount, a lost permission or a failing disk (Orbax
-        re-raises it from its background thread, or the manifest write raises it) is the user's to fix: say so in
+        """A save that fails on a full disk, a read-only remount, a lost permission or a failing disk (raised on
+        the checkpoint thread, handed to the loop by the save queue) is the user's to fix: say so in
         one line. The earlier steps are untouched; the failed save's tmp dir (never listed) is deleted to give its
         space back, as the next start would."""
         try:
             yield
-        except Exception as e:
-            found = None if isinstance(e, TrainkitError) else find_write_error(e)
-            if found is None:
-                raise
-            if self._primary and self._pending_step is not None:
-                for tmp_dir in self.directory.glob(f"{step_dir_name(self._pending_step)}.orbax-checkpoint-tmp*"):
-                    shutil.rmtree(tmp_dir, ignore_errors=True)
-            steps = list_steps(self.directory)  # Orbax lists no unfinished save; a finished one resumes
-            resume = (f"it resumes from step {steps[-1]}, the last complete checkpoint" if steps
-                      else "there is no complete checkpoint yet, so it starts from scratch")
-            if found.disk_full:
-                free = shutil.disk_usage(self.directory).free if self._local and self.directory.exists() else 0
-                cause = f"{found.cause}, {free / 1e6:.1f} MB free"
-                fix = ("free space on that disk (or lower checkpoint.keep_last / keep_best, or choose a --workdir on a "
-                       "larger disk)")
-            else:
-                cause = found.cause
-                fix = "make that disk writable again (or choose another --workdir)"
-            raise TrainkitError(
-                f"saving checkpoint step {self._pending_step} to {self.directory} failed: {cause}; {fix} "
-                f"and run the same command again: {resume}"
-            ) from e  # the cause marks it as a write error for exits_cleanly
+        except SaveFailed as failed:
+            self._raise_for_people(failed.error, failed.step)
+            raise failed.error from None  # not a write error: our own bug, with its own traceback
+
+    def _raise_for_people(self, e: BaseException, step: int) -> None:
+        """Raise a write error as a one-line TrainkitError (the earlier steps are fine); return for anything else."""
+        found = None if isinstance(e, TrainkitError) else find_write_error(e)
+        if found is None:
+            return
+        if self._primary:
+            for tmp_dir in self.directory.glob(f"{step_dir_name(step)}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+        steps = list_steps(self.directory)  # Orbax lists no unfinished save; a finished one resumes
+        resume = (f"it resumes from step {steps[-1]}, the last complete checkpoint" if steps
+                  else "there is no complete checkpoint yet, so it starts from scratch")
+        if found.disk_full:
+            free = shutil.disk_usage(self.directory).free if self._local and self.directory.exists() else 0
+            cause = f"{found.cause}, {free / 1e6:.1f} MB free"
+            fix = ("free space on that disk (or lower checkpoint.keep_last / keep_best, or choose a --workdir on a "
+                   "larger disk)")
+        else:
+            cause = found.cause
+            fix = "make that disk writable again (or choose another --workdir)"
+        raise TrainkitError(
+            f"saving checkpoint step {step} to {self.directory} failed: {cause}; {fix} "
+            f"and run the same command again: {resume}"
+        ) from e  # the cause marks it as a write error for exits_cleanly
 
     def mark_final(self, step: int) -> None:
         self.wait()
@@ -355,10 +378,8 @@ class CheckpointManager:
 
     def close(self) -> None:
         try:
-            self.wait()
+            with self._write_errors_are_user_errors():
+                self._queue.close()
         finally:
-            try:
-                with self._write_errors_are_user_errors():
-                    self._manager.close()  # re-raises a failed background save
-            finally:
-                self._worker.shutdown()
+            if self._manager is not None:
+                self._manager.close()

@@ -8,6 +8,9 @@ On disk (`W/checkpoints/000040/meta/metadata`, the JSON that Orbax's JsonCheckpo
 within version 1 without a bump because it is optional both ways (older readers ignore it, a step without it reads
 as None). The golden checkpoint tests/data/golden_v1 predates it.
 
+Version 2 changed only the step's `manifest.json`: crc32c per file instead of sha256 (checkpoints.manifest reads
+both). The meta JSON is the same apart from its `format_version`.
+
 When the format changes: bump FORMAT_VERSION, add `upgrade_v{N}_to_v{N+1}` to UPGRADES, and add a golden checkpoint
 of the new version beside the old ones (tests/test_golden.py); never edit an old one.
 """
@@ -19,11 +22,16 @@ from typing import Any, Callable, Mapping
 
 from trainkit.errors import TrainkitError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+def upgrade_v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 changed the manifest's checksum (sha256 -> crc32c), which is read per entry; meta is unchanged."""
+    return {**raw, "format_version": 2}
+
 
 # version N -> function(raw meta of version N) -> raw meta of version N + 1 (it sets "format_version" to N + 1).
-# Empty because version 1 is the only format there has been.
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: upgrade_v1_to_v2}
 
 
 @dataclasses.dataclass(frozen=True)
