@@ -14,7 +14,7 @@ Status comes from the converter's own tables: "supported" = a rule in `registry.
 (`emitter._foldable`), which the table does not count as support.
 
 "Tested by" is found by tracing what the tests export, the way the exporter traces it (`jax.make_jaxpr` with the
-dynamic axes symbolic, dead code removed, `api.with_jax_forces` for with_forces exports) and collecting primitive
+dynamic axes symbolic, dead code removed, `tracing.with_jax_forces` for with_forces exports) and collecting primitive
 names recursively through sub-jaxprs (`core.jaxprs_in_params`):
 - tests/test_torchscript_ops.py: its tables (`GRADIENT_FNS` through `_all_fns`, every `OP_GROUPS` entry) and the
   models of its other tests (`Convs`, `FusedBlock`, the custom_vjp lambda);
@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 from jax._src import core  # noqa: E402
 from jax._src.interpreters import partial_eval as pe  # noqa: E402
 
-from trainkit.export.torchscript import api  # noqa: E402
+from trainkit.export.torchscript import tracing  # noqa: E402
 from trainkit.export.torchscript.emitter import CONSTANT_PRIMITIVES  # noqa: E402
 from trainkit.export.torchscript.registry import RULES  # noqa: E402
 
@@ -141,7 +141,7 @@ def trace(fn: Callable[..., Any], params: Any, args: tuple, dynamic_axes: list |
         dims = dict(zip(symbols, jax.export.symbolic_shape(", ".join(symbols), constraints=used)))
     specs = [jax.ShapeDtypeStruct(tuple(dims[spec[i]] if spec and i in spec else d for i, d in enumerate(a.shape)),
                                   a.dtype) for a, spec in zip(args, axes)]
-    closed = jax.make_jaxpr(api.with_jax_forces(fn) if with_forces else fn)(params, *specs)
+    closed = jax.make_jaxpr(tracing.with_jax_forces(fn) if with_forces else fn)(params, *specs)
     jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True)
     return primitives_of(jaxpr, set())
 

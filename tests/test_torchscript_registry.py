@@ -17,7 +17,7 @@ from trainkit.export.torchscript.registry import FUSION_PASSES, RULES
 from trainkit.export.torchscript.rules import calls, contraction, control_flow, elementwise, indexing, random, shapes
 
 PACKAGE = torchscript.__name__
-LAYERS = ("emitter", "rules", "fusion", "registry", "api", "")  # "": the package's __init__
+LAYERS = ("emitter", "rules", "fusion", "registry", "tracing", "checks", "api", "")  # "": the package's __init__
 
 
 def _modules() -> dict[str, Path]:

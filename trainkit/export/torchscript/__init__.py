@@ -10,10 +10,12 @@ the module (custom_jvp rules included), and `with_forces=True` bakes JAX's own `
 derivative's jaxpr, translated) into `forward`. Every export is checked against JAX, several calls each, on
 the example inputs and a second size (`parity`).
 
-Layout: `api` (these functions), `registry` (the one table of translations and fusions, and how to add to it),
+Layout: `api` (to_torchscript), `tracing` (jaxpr, dynamic axes, JAX's derivative), `checks` (parity,
+call_repeatedly), `registry` (the one table of translations and fusions, and how to add to it),
 `rules/`, `fusion/`, `emitter`; see `registry`'s docstring.
 """
 
-from trainkit.export.torchscript.api import PARITY_TOLERANCE, DynamicAxes, call_repeatedly, parity, to_torchscript
+from trainkit.export.torchscript.api import DynamicAxes, to_torchscript
+from trainkit.export.torchscript.checks import PARITY_TOLERANCE, call_repeatedly, parity
 
 __all__ = ["PARITY_TOLERANCE", "DynamicAxes", "call_repeatedly", "parity", "to_torchscript"]

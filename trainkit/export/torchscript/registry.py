@@ -6,7 +6,9 @@ that become one native torch op. Both are built here from explicit lists: import
 nothing, and a primitive with rules in two modules fails at import (`emitter.rule_table`).
 
 Layers, each importing only those below it (tests/test_torchscript_registry.py checks the import graph):
-    api        to_torchscript, parity: trace, generate, script, check against JAX
+    api        to_torchscript: generate, script
+    checks     parity, call_repeatedly: check against JAX, call after call
+    tracing    the jaxpr: symbolic dims, dim_constraints, JAX's derivative for with_forces
     registry   this table
     fusion/    a chain of equations → one native torch op (graph, native, dense, attention)
     rules/     one equation → torch code (elementwise, shapes, contraction, indexing, calls, control_flow,
