@@ -125,6 +125,7 @@ assert "trainkit" not in sys.modules
         np.testing.assert_allclose(got[f"arr_{k}"], value, rtol=1e-4, atol=1e-5 * max(np.max(np.abs(value)), 0.1))
 
 
+@pytest.mark.slow
 def test_safetensors_of_8_device_checkpoint_is_consolidated(tmp_path):
     """Saved with params sharded over fsdp=8: the file holds full arrays equal to the restored params."""
     import jax

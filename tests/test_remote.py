@@ -254,6 +254,7 @@ def run_hub_cases(tmp_path: Path, endpoint: str, cases: list[dict]) -> tuple[lis
     return [json.loads(line) for line in proc.stdout.splitlines()], proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_hub_download_needs_the_token_and_never_stores_it(packed_bytes, tmp_path):
     repo_file = "org/trainkit-mlp/runs/model.ckpt"
     down = f"http://127.0.0.1:{closed_port()}"
@@ -319,6 +320,7 @@ def upload(local: Path, remote: str) -> None:
             target.write_bytes(file.read_bytes())
 
 
+@pytest.mark.slow
 def test_gs_sources_are_copied_into_the_cache(gcs, workdir, packed_bytes, tmp_path):
     upload(workdir, "gs://bucket/W")
     epath.Path("gs://bucket/model.ckpt").write_bytes(packed_bytes)
