@@ -108,19 +108,6 @@ def _jax_callable(case):
     return jax.jit(energy_and_forces)
 
 
-def _time_pair(jax_fn, torch_fn, rounds: int, calls: int) -> tuple[list[float], list[float]]:
-    for fn in (jax_fn, torch_fn):  # warm-up: compilation, TorchScript's profiling runs
-        for _ in range(5):
-            fn()
-    slowest = max(harness.seconds_per_call(jax_fn, 3), harness.seconds_per_call(torch_fn, 3))
-    calls = max(3, min(calls, int(ROUND_BUDGET_S / slowest)))  # a slow side must not stretch the run
-    jax_s, torch_s = [], []
-    for r in range(rounds):
-        order = [(jax_fn, jax_s), (torch_fn, torch_s)]
-        for fn, out in order if r % 2 == 0 else order[::-1]:
-            out.append(harness.seconds_per_call(fn, calls))
-    return jax_s, torch_s
-
 
 def measure(case_ids: list[str], directory: Path, quick: bool) -> list[dict]:
     """Time each exported case (`directory/<id>.pt`) against jax.jit, with this process's thread settings."""
@@ -148,7 +135,7 @@ def measure(case_ids: list[str], directory: Path, quick: bool) -> list[dict]:
                 with torch.no_grad():
                     return module(*tensors)
 
-            jax_s, torch_s = _time_pair(jax_fn, torch_fn, rounds, calls)
+            jax_s, torch_s = harness.time_pair(jax_fn, torch_fn, rounds, calls, ROUND_BUDGET_S)
         results.append({"name": case_id, "jax_s": jax_s, "torch_s": torch_s,
                         "speed": harness.paired_ratio(jax_s, torch_s),
                         "shapes": " ".join("×".join(map(str, a.shape)) or "()" for a in args)})
@@ -278,12 +265,6 @@ def run(quick: bool, cases: str = "") -> Section:
     return section
 
 
-def markdown(section: dict) -> str:
-    """The section as bench/run.py writes it: its summary-table rows, then the section itself."""
-    import run as report
-
-    return "\n".join(report.summary_rows(section)) + "\n\n" + report.render_section(section)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -307,7 +288,9 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(section.to_json(), indent=2))
     else:
-        print(markdown(section.to_json()))
+        import run as report  # bench/run.py renders sections: the same text as in BENCHMARKS.md
+
+        print(report.markdown(section.to_json()))
 
 
 if __name__ == "__main__":

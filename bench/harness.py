@@ -77,6 +77,25 @@ def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str,
     return results
 
 
+def time_pair(jax_fn: Callable[[], Any], torch_fn: Callable[[], Any], rounds: int, calls: int,
+              budget_s: float) -> tuple[list[float], list[float]]:
+    """Seconds per call of each side, per round: warm-up (compilation, TorchScript's profiling runs), then
+    `rounds` rounds alternating which side goes first, at most `calls` calls per side and round (fewer when a
+    call is slow: about `budget_s` per side and round)."""
+    for fn in (jax_fn, torch_fn):
+        for _ in range(5):
+            fn()
+    slowest = max(seconds_per_call(jax_fn, 3), seconds_per_call(torch_fn, 3))
+    calls = max(3, min(calls, int(budget_s / slowest)))  # a slow side must not stretch the run
+    jax_s: list[float] = []
+    torch_s: list[float] = []
+    for r in range(rounds):
+        order = [(jax_fn, jax_s), (torch_fn, torch_s)]
+        for fn, out in order if r % 2 == 0 else order[::-1]:
+            out.append(seconds_per_call(fn, calls))
+    return jax_s, torch_s
+
+
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
     """Median over repetitions of numerator[i] / denominator[i] (the pairs ran back to back)."""
     return statistics.median(a / b for a, b in zip(numerator, denominator))

@@ -382,11 +382,6 @@ LINEAR_MISS = (
     "index_add) into fewer passes in the exporter, or process edges in cache-sized chunks")
 
 
-def markdown(section: dict) -> str:
-    import run as report
-
-    return "\n".join(report.summary_rows(section)) + "\n\n" + report.render_section(section)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -414,7 +409,9 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(section.to_json(), indent=2))
     else:
-        print(markdown(section.to_json()))
+        import run as report  # bench/run.py renders sections: the same text as in BENCHMARKS.md
+
+        print(report.markdown(section.to_json()))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,11 @@ def summary_rows(section: dict) -> list[str]:
     return rows
 
 
+def markdown(section: dict) -> str:
+    """A section measured on its own, as this file writes it: its summary-table rows, then the section."""
+    return "\n".join(summary_rows(section)) + "\n\n" + render_section(section)
+
+
 def render_section(section: dict) -> str:
     """The section's part of BENCHMARKS.md: heading, figures (with why a goal was missed), notes, time."""
     lines = [f"## {section['title']}", ""]

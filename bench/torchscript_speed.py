@@ -30,7 +30,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -78,20 +78,6 @@ def export(task, params, with_forces: bool):
                               input_names=[s.name for s in task.inputs], with_forces=with_forces)
 
 
-def _time_pair(jax_fn: Callable[[], Any], torch_fn: Callable[[], Any], rounds: int, calls: int
-               ) -> tuple[list[float], list[float]]:
-    for fn in (jax_fn, torch_fn):  # warm-up: compilation, TorchScript's profiling runs
-        for _ in range(5):
-            fn()
-    slowest = max(harness.seconds_per_call(jax_fn, 3), harness.seconds_per_call(torch_fn, 3))
-    calls = max(3, min(calls, int(ROUND_BUDGET_S / slowest)))  # a slow side must not stretch the run
-    jax_s, torch_s = [], []
-    for r in range(rounds):
-        order = [(jax_fn, jax_s), (torch_fn, torch_s)]
-        for fn, out in order if r % 2 == 0 else order[::-1]:
-            out.append(harness.seconds_per_call(fn, calls))
-    return jax_s, torch_s
-
 
 def _case(name: str, task, params, dims: dict[str, int], with_forces: bool, rounds: int, calls: int) -> dict:
     import jax
@@ -119,7 +105,7 @@ def _case(name: str, task, params, dims: dict[str, int], with_forces: bool, roun
     def jax_fn():
         return jax.block_until_ready(jitted(params, *inputs))
 
-    jax_s, torch_s = _time_pair(jax_fn, torch_fn, rounds, calls)
+    jax_s, torch_s = harness.time_pair(jax_fn, torch_fn, rounds, calls, ROUND_BUDGET_S)
     errors = parity(task.predict, params, module, inputs, with_forces=with_forces)
     return {"name": name, "jax_s": jax_s, "torch_s": torch_s, "speed": harness.paired_ratio(jax_s, torch_s),
             "max_rel": errors["max_rel"]}

@@ -98,3 +98,18 @@ def fill(path: Path, leave_bytes: int) -> Path:
     with open(ballast, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, max(0, st.f_bavail * st.f_frsize - leave_bytes))
     return ballast
+
+
+def build_shim(directory: Path, source: str) -> Path:
+    """An LD_PRELOAD shim compiled from tests/fault/`source` (a .c file beside this one) into `directory`; the
+    calling test skips where there is no gcc."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("gcc") is None:
+        pytest.skip("building the LD_PRELOAD shim needs gcc")
+    out = directory / Path(source).with_suffix(".so").name
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(Path(__file__).with_name(source)), "-ldl"],
+                   check=True)
+    return out

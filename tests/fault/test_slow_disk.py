@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from checks import assert_only_complete_steps, assert_same_state, start_training
+from checks import assert_only_complete_steps, assert_same_state, build_shim, start_training
 from conftest import cli_env, train
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -30,12 +28,7 @@ WAITS = "waits for step"
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("building the LD_PRELOAD shim needs gcc")
-    out = tmp_path_factory.mktemp("shim") / "slow_writes.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(Path(__file__).with_name("slow_writes.c")),
-                    "-ldl"], check=True)
-    return out
+    return build_shim(tmp_path_factory.mktemp("shim"), "slow_writes.c")
 
 
 def slow_env(shim: Path, workdir: Path, ms: int) -> dict[str, str]:

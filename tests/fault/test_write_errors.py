@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import errno
 import re
-import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from checks import (assert_only_complete_steps, assert_same_state, can_mount, small_disk, start_training,
+from checks import (assert_only_complete_steps, assert_same_state, build_shim, can_mount, small_disk, start_training,
                     unfinished_saves)
 from conftest import assert_user_error, cli_env, run_cli, train
 
@@ -34,12 +33,7 @@ RUN = ("--config.num_steps=40", "--config.batch_size=32", "--config.log_every=10
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("building the LD_PRELOAD shim needs gcc")
-    out = tmp_path_factory.mktemp("shim") / "failing_writes.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(Path(__file__).with_name("failing_writes.c")),
-                    "-ldl"], check=True)
-    return out
+    return build_shim(tmp_path_factory.mktemp("shim"), "failing_writes.c")
 
 
 @pytest.fixture(scope="module")

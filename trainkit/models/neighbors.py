@@ -32,7 +32,7 @@ import numpy as np
 from trainkit.data.neighbors import neighbor_list, pad_edges
 from trainkit.errors import TrainkitError
 from trainkit.models import InputSpec, Task
-from trainkit.models.potential import MAX_Z, reference_table
+from trainkit.models.potential import MAX_Z, radial_basis, reference_table
 
 VOLUME_PER_ATOM = 11.8  # Å³, fcc Cu: the density of `example_inputs`' random cells
 
@@ -53,11 +53,7 @@ class NeighborPotential(nn.Module):
         atom = numbers > 0
         d2 = jnp.sum(vectors * vectors, axis=-1)
         edge = (d2 > 0) & (d2 < self.cutoff**2) & atom[edge_i] & atom[edge_j]
-        r = jnp.sqrt(jnp.where(edge, d2, 1.0))  # masked before the sqrt: no NaN gradient at r = 0
-        fc = jnp.where(edge, 0.5 * (jnp.cos(jnp.pi * r / self.cutoff) + 1.0), 0.0)
-        centers = jnp.linspace(0.0, self.cutoff, self.num_rbf)
-        width = self.cutoff / (self.num_rbf - 1)
-        rbf = jnp.exp(-(((r[:, None] - centers) / width) ** 2))  # (E, K)
+        fc, rbf = radial_basis(d2, edge, self.cutoff, self.num_rbf)  # (E,), (E, K)
 
         h = nn.Embed(MAX_Z + 1, self.features, name="species")(numbers)
         for t in range(self.rounds):

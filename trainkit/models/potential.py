@@ -46,6 +46,16 @@ def pair_vectors(positions: jax.Array, cell: jax.Array) -> jax.Array:
     return jnp.einsum("bijk,bkl->bijl", frac, cell)
 
 
+def radial_basis(d2: jax.Array, pair: jax.Array, cutoff: float, num_rbf: int) -> tuple[jax.Array, jax.Array]:
+    """(smooth cosine cutoff fc, Gaussian radial basis (..., num_rbf)) of squared distances `d2` where `pair`;
+    masked before the sqrt, so masked-off pairs (r = 0 included) get no NaN gradient. Both potentials use it."""
+    r = jnp.sqrt(jnp.where(pair, d2, 1.0))
+    fc = jnp.where(pair, 0.5 * (jnp.cos(jnp.pi * r / cutoff) + 1.0), 0.0)
+    centers = jnp.linspace(0.0, cutoff, num_rbf)
+    width = cutoff / (num_rbf - 1)
+    return fc, jnp.exp(-(((r[..., None] - centers) / width) ** 2))
+
+
 class Potential(nn.Module):
     """(positions, numbers, cell) -> total energy (B,) in eV."""
 
@@ -64,11 +74,7 @@ class Potential(nn.Module):
         d2 = jnp.sum(d * d, axis=-1)
         not_self = jnp.arange(n)[:, None] != jnp.arange(n)[None, :]
         pair = atom[:, :, None] & atom[:, None, :] & not_self & (d2 < self.cutoff**2)
-        r = jnp.sqrt(jnp.where(pair, d2, 1.0))  # masked before the sqrt: no NaN gradient at r = 0
-        fc = jnp.where(pair, 0.5 * (jnp.cos(jnp.pi * r / self.cutoff) + 1.0), 0.0)
-        centers = jnp.linspace(0.0, self.cutoff, self.num_rbf)
-        width = self.cutoff / (self.num_rbf - 1)
-        rbf = jnp.exp(-(((r[..., None] - centers) / width) ** 2))  # (B, N, N, K)
+        fc, rbf = radial_basis(d2, pair, self.cutoff, self.num_rbf)  # (B, N, N), (B, N, N, K)
 
         h = nn.Embed(MAX_Z + 1, self.features, name="species")(numbers)
         for t in range(self.rounds):
