@@ -1,7 +1,8 @@
 """The third-party corpus (tests/corpus/, issue #14 item 4), exported and run in a process without JAX.
 
 Each case is exported at size 1 with `to_torchscript(..., path=...)`. A persistent torch-only worker (one per
-test module run; it asserts that JAX was never imported) loads the .pt and calls it 3 times per input set, at
+test module run; it asserts that JAX was never imported) loads the .pt (or a torch.export `.pt2`, or an
+AOTInductor `.aoti.pt2`: tests/test_torch_export.py) and calls it 3 times per input set, at
 size 1 and size 2, with and without requires_grad on the first input, and writes outputs and, for float first
 inputs, d sum(first output) / d first input (torch autograd) to .npz. The parent compares with jax.jit:
 outputs, and gradients (forces = -grad for with_forces cases, which return them from the graph itself), to
@@ -36,8 +37,15 @@ WORKER = textwrap.dedent("""
     assert "jax" not in sys.modules and "trainkit" not in sys.modules
     DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
+    def load(path):
+        if path.endswith(".aoti.pt2"):
+            return torch._inductor.aoti_load_package(path)
+        if path.endswith(".pt2"):
+            return torch.export.load(path).module()
+        return torch.jit.load(path)
+
     def run(job):
-        module = torch.jit.load(job["pt"])
+        module = load(job["pt"])
         for s, size in enumerate(job["sizes"]):
             data = np.load(size["inputs"], allow_pickle=False)
             arrays = [data[f"a{i}"] for i in range(len(size["dtypes"]))]
@@ -179,6 +187,13 @@ def test_corpus_case(case_id, worker, tmp_path):
             error = f"export error: {type(e).__name__}: {(lines or [''])[0][:300]}" + (f" [{at[:200]}]" if at else "")
         if error:
             pytest.fail(error, pytrace=False)
+    check_artifact(case, pt, worker, tmp_path)
+
+
+def check_artifact(case: corpus.Case, path: Path, worker: Worker, tmp_path: Path, autograd: bool = True) -> None:
+    """Run the exported `path` in the torch-only worker at both sizes, CALLS calls each (and, with `autograd`,
+    with requires_grad on the first input), and fail on any difference from JAX or between calls."""
+    with jax.enable_x64(case.dtype == "float64"):
         refs = [references(case, args) for args in (case.args1, case.args2)]
     sizes = []
     for s, args in enumerate((case.args1, case.args2)):
@@ -186,8 +201,8 @@ def test_corpus_case(case_id, worker, tmp_path):
         np.savez(tmp_path / f"in{s}.npz", **arrays)
         sizes.append({"inputs": str(tmp_path / f"in{s}.npz"), "dtypes": dtypes})
     grad = refs[0][1] is not None
-    requires_grad = [False, True] if _is_float(case.args1[0]) else [False]
-    job = {"pt": str(pt), "sizes": sizes, "requires_grad": requires_grad, "calls": CALLS, "grad": grad,
+    requires_grad = [False, True] if autograd and _is_float(case.args1[0]) else [False]
+    job = {"pt": str(path), "sizes": sizes, "requires_grad": requires_grad, "calls": CALLS, "grad": grad,
            "out": str(tmp_path / "res")}
     reply = worker.run(job)
     if not reply["ok"]:

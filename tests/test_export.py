@@ -197,7 +197,7 @@ assert format_of("model.pt").name == "pt"
 assert not {"jax", "torch"} & set(sys.modules), "reading the formats table imported JAX or torch"
 print(" ".join(FORMATS))
 """
-    assert run_python(code).stdout.split() == ["pt", "stablehlo", "safetensors", "metatomic"]
+    assert run_python(code).stdout.split() == ["pt", "stablehlo", "safetensors", "metatomic", "pt2", "aoti"]
 
 
 def test_a_nan_anywhere_fails_the_parity_gate():

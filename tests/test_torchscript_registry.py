@@ -1,5 +1,6 @@
 """The TorchScript converter's structure: one table translates every primitive, and its modules import each other
-without cycles, each layer only the layers below it (emitter < rules < fusion < registry < api < the package)."""
+without cycles, each layer only the layers below it (emitter < rules < fusion < registry < tracing < checks < api <
+program < the package)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from trainkit.export.torchscript.registry import FUSION_PASSES, RULES
 from trainkit.export.torchscript.rules import calls, contraction, control_flow, elementwise, indexing, random, shapes
 
 PACKAGE = torchscript.__name__
-LAYERS = ("emitter", "rules", "fusion", "registry", "tracing", "checks", "api", "")  # "": the package's __init__
+# "": the package's __init__
+LAYERS = ("emitter", "rules", "fusion", "registry", "tracing", "checks", "api", "program", "")
 
 
 def _modules() -> dict[str, Path]:

@@ -52,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.compression = False  # zstd in OCDBT: smaller, ~2.5x slower to write (see BENCHMARKS.md)
 
     c.export = ml_collections.ConfigDict()
-    c.export.formats = ("safetensors", "stablehlo")  # any of "pt", "stablehlo", "safetensors"; into W/export/
+    # any of FORMATS: "pt", "pt2", "aoti", "stablehlo", "safetensors", "metatomic"; into W/export/
+    c.export.formats = ("safetensors", "stablehlo")
     c.export.tolerance = 1e-5  # max relative parity error accepted at export
 
     c.wandb = ml_collections.ConfigDict({"enabled": False, "project": "trainkit", "entity": "", "mode": "online"})

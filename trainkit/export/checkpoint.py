@@ -22,7 +22,7 @@ import numpy as np
 from etils import epath
 
 from trainkit.errors import TrainkitError
-from trainkit.export.formats import FORMATS, ArtifactSpec, Format, Report, format_named, format_of
+from trainkit.export.formats import ARTIFACT_FACTS, FORMATS, ArtifactSpec, Format, Report, format_named, format_of
 from trainkit.export.parity import CHECK_DIMS, reference
 from trainkit.models import Task
 from trainkit.paths import absolute_path
@@ -97,14 +97,14 @@ def _export_model(task: Task, params: Any, out: Path, provenance: Mapping[str, A
         **({"cutoff": task.cutoff} if task.cutoff is not None else {}),
     }
     spec = ArtifactSpec(file=out.name, metadata=sidecar, args=check_args, ref=ref)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")  # keeps the suffix (AOTInductor wants .pt2)
     try:
         report = fmt.write(task, params, tmp, spec)
         _check(report, tolerance, fmt)  # the one gate: a failing artifact never reaches `out`
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {**sidecar, "parity": report.as_dict(), "file": out.name,
+    return {**sidecar, **spec.facts, "parity": report.as_dict(), "file": out.name,
             "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
 
 
@@ -135,8 +135,9 @@ def write_sidecar(path: Path, entry: Mapping[str, Any]) -> None:
     existing = json.loads(path.read_text()) if path.exists() else {}
     same_source = existing.get("source") == entry.get("source")
     artifacts = existing.get("artifacts", {}) if same_source else {}
-    artifacts[entry["format"]] = {k: entry[k] for k in ("file", "sha256", "parity", "inputs", "outputs", "dtype")}
-    common = {k: v for k, v in entry.items() if k not in ("file", "sha256", "parity", "format", "outputs", "dtype")}
+    own = ("file", "sha256", "parity", "inputs", "outputs", "dtype", *ARTIFACT_FACTS)
+    artifacts[entry["format"]] = {k: entry[k] for k in own if k in entry}
+    common = {k: v for k, v in entry.items() if k == "inputs" or k not in (*own, "format")}
     path.write_text(json.dumps({**common, "artifacts": artifacts}, indent=2, default=str))
 
 

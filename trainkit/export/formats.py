@@ -80,6 +80,12 @@ class ArtifactSpec:
     metadata: Mapping[str, Any]  # the sidecar so far, for formats that embed it
     args: tuple[np.ndarray, ...]  # check inputs: their symbolic sizes differ from the tracing example's
     ref: Mapping[str, np.ndarray]  # JAX's outputs on `args` by name (the signature's), "forces" included
+    # What the writer found out, for this artifact's sidecar entry (ARTIFACT_FACTS: an AOTInductor package's
+    # target machine, a torch.export program's dims and control flow).
+    facts: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+ARTIFACT_FACTS = ("dims", "control_flow", "target")
 
 
 Writer = Callable[["Task", Any, Path, ArtifactSpec], Report]
@@ -140,6 +146,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            runs_model=False),
     Format("metatomic", ".pt", "metatomic AtomisticModel, with --format metatomic",
            _imported("trainkit.export.metatomic", "write_metatomic"), needs=METATOMIC, stem="model-metatomic"),
+    Format("pt2", ".pt2", "torch.export program", _imported("trainkit.export.pt2", "write_pt2"), needs=TORCH),
+    Format("aoti", ".aoti.pt2", "AOTInductor package for this machine",
+           _imported("trainkit.export.pt2", "write_aoti"), needs=TORCH),
 )}
 
 
@@ -148,16 +157,16 @@ def format_named(name: str, out: str | Path) -> Format:
     if name not in FORMATS:
         raise TrainkitError(f"unknown --format {name!r}; choose one of {', '.join(FORMATS)}")
     fmt = FORMATS[name]
-    if Path(out).suffix != fmt.suffix:
+    if not Path(out).name.endswith(fmt.suffix):
         raise TrainkitError(f"--format {name} writes a {fmt.suffix} file; name the output {Path(out).stem}{fmt.suffix}")
     return fmt
 
 
 def format_of(out: str | Path) -> Format:
-    """The format an output file name asks for, by its suffix."""
-    suffix = Path(out).suffix
-    for fmt in FORMATS.values():
-        if fmt.suffix == suffix:
+    """The format an output file name asks for, by its suffix (the longest that matches: `.aoti.pt2` before
+    `.pt2`)."""
+    for fmt in sorted(FORMATS.values(), key=lambda f: -len(f.suffix)):
+        if Path(out).name.endswith(fmt.suffix):
             return fmt
     choices = [f"{f.suffix} ({f.description})" for f in FORMATS.values()]
     raise TrainkitError(f"cannot tell the export format of {out}: use a {', '.join(choices[:-1])} or {choices[-1]} "

@@ -10,12 +10,17 @@ the module (custom_jvp rules included), and `with_forces=True` bakes JAX's own `
 derivative's jaxpr, translated) into `forward`. Every export is checked against JAX, several calls each, on
 the example inputs and a second size (`parity`).
 
-Layout: `api` (to_torchscript), `tracing` (jaxpr, dynamic axes, JAX's derivative), `checks` (parity,
-call_repeatedly), `registry` (the one table of translations and fusions, and how to add to it),
-`rules/`, `fusion/`, `emitter`; see `registry`'s docstring.
+The same translation, emitted for `torch.export` (control flow as torch's higher-order ops), gives a `.pt2`
+program or, compiled by AOTInductor, a package of fused C++ kernels: `to_torch_export` (`program`).
+
+Layout: `api` (to_torchscript), `program` (to_torch_export), `tracing` (jaxpr, dynamic axes, JAX's
+derivative), `checks` (parity, call_repeatedly), `registry` (the one table of translations and fusions, and how
+to add to it), `rules/`, `fusion/`, `emitter`; see `registry`'s docstring.
 """
 
 from trainkit.export.torchscript.api import DynamicAxes, to_torchscript
 from trainkit.export.torchscript.checks import PARITY_TOLERANCE, call_repeatedly, parity
+from trainkit.export.torchscript.program import TorchExport, to_torch_export
 
-__all__ = ["PARITY_TOLERANCE", "DynamicAxes", "call_repeatedly", "parity", "to_torchscript"]
+__all__ = ["PARITY_TOLERANCE", "DynamicAxes", "TorchExport", "call_repeatedly", "parity", "to_torch_export",
+           "to_torchscript"]

@@ -5,10 +5,13 @@ against JAX (`checks`).
 
 from __future__ import annotations
 
+import dataclasses
 import keyword
 import linecache
 import os
 import re
+import sys
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -59,24 +62,10 @@ def to_torchscript(fn: Callable[..., Any], params: Any, example_args: Sequence[A
     `module.parity` is None) for a caller that checks the module itself, on other inputs
     (`trainkit.export.pt`). `output_names` are recorded as `module.output_names`.
     """
-    args = tuple(np.asarray(a) for a in example_args)
-    names = _input_names(input_names, len(args))
-    axes = _normalize_axes(dynamic_axes, names, args)
-    bounds = parse_constraints(dim_constraints, axes)
-    if with_forces and (not args or not np.issubdtype(args[0].dtype, np.floating)):
-        raise TrainkitError("with_forces=True differentiates with respect to the first input, which must be a "
-                            "float array (e.g. positions)")
-    closed, n_outputs = trace(with_jax_forces(fn) if with_forces else fn, params, args, axes, bounds)
-    try:
-        source, buffers = _generate(closed, params, args, names, axes, bounds, n_outputs)
-    except TrainkitError as e:
-        missing = re.search(r"primitive '([^']+)'", str(e))
-        if not with_forces or missing is None or missing[1] in _primitives(trace(fn, params, args, axes, bounds)[0]):
-            raise
-        raise TrainkitError(f"{e} (it is in JAX's derivative of the model, which with_forces=True translates: "
-                            "export without with_forces and differentiate the module with torch autograd, or "
-                            "avoid the operation whose derivative needs it)") from None
-    module = _script(source, buffers)
+    t = translate(fn, params, example_args, dynamic_axes=dynamic_axes, input_names=input_names,
+                  with_forces=with_forces, dim_constraints=dim_constraints)
+    args, names, axes, bounds, closed = t.args, t.names, t.axes, t.bounds, t.closed
+    module = _script(t.source, t.buffers)
     report = None
     if parity_tolerance == "auto":
         parity_tolerance = tolerance(args, closed)
@@ -93,7 +82,46 @@ def to_torchscript(fn: Callable[..., Any], params: Any, example_args: Sequence[A
     return module
 
 
-def _primitives(closed: core.ClosedJaxpr) -> set[str]:
+@dataclasses.dataclass(frozen=True)
+class Translation:
+    """`fn` traced and translated: the generated source and buffers, and what they were made from."""
+
+    args: tuple[np.ndarray, ...]
+    names: list[str]
+    axes: list[dict[int, str]]
+    bounds: list[Bound]
+    closed: core.ClosedJaxpr
+    source: str
+    buffers: dict[str, np.ndarray]
+
+
+def translate(fn: Callable[..., Any], params: Any, example_args: Sequence[Any], *,
+              dynamic_axes: DynamicAxes | None = None, input_names: Sequence[str] | None = None,
+              with_forces: bool = False, dim_constraints: Sequence[str] = (),
+              em: Emitter | None = None) -> Translation:
+    """Trace `fn(params, *example_args)` with its dynamic axes and translate it with `em` (TorchScript's
+    emitter by default); see `to_torchscript` for the arguments."""
+    args = tuple(np.asarray(a) for a in example_args)
+    names = _input_names(input_names, len(args))
+    axes = _normalize_axes(dynamic_axes, names, args)
+    bounds = parse_constraints(dim_constraints, axes)
+    if with_forces and (not args or not np.issubdtype(args[0].dtype, np.floating)):
+        raise TrainkitError("with_forces=True differentiates with respect to the first input, which must be a "
+                            "float array (e.g. positions)")
+    closed, n_outputs = trace(with_jax_forces(fn) if with_forces else fn, params, args, axes, bounds)
+    try:
+        source, buffers = _generate(closed, params, args, names, axes, bounds, n_outputs, em)
+    except TrainkitError as e:
+        missing = re.search(r"primitive '([^']+)'", str(e))
+        if not with_forces or missing is None or missing[1] in primitives(trace(fn, params, args, axes, bounds)[0]):
+            raise
+        raise TrainkitError(f"{e} (it is in JAX's derivative of the model, which with_forces=True translates: "
+                            "export without with_forces and differentiate the module with torch autograd, or "
+                            "avoid the operation whose derivative needs it)") from None
+    return Translation(args, names, axes, bounds, closed, source, buffers)
+
+
+def primitives(closed: core.ClosedJaxpr) -> set[str]:
     """The names of the primitives in a jaxpr and its sub-jaxprs."""
     names: set[str] = set()
     todo = [closed.jaxpr]
@@ -145,8 +173,9 @@ def _normalize_axes(dynamic_axes: DynamicAxes | None, names: list[str], args: tu
 
 
 def _generate(closed: Any, params: Any, args: tuple, names: list[str], axes: list[dict[int, str]],
-              bounds: list[Bound], n_outputs: int) -> tuple[str, dict[str, np.ndarray]]:
-    em = Emitter(RULES, plan_fusions)
+              bounds: list[Bound], n_outputs: int, em: Emitter | None = None) -> tuple[str, dict[str, np.ndarray]]:
+    """The source of `TrainkitExport.forward` and its buffers; `em`: the emitter (TorchScript's by default)."""
+    em = em or Emitter(RULES, plan_fusions)
     param_codes = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = "p_" + re.sub(r"\W+", "_", jax.tree_util.keystr(path)).strip("_")
@@ -192,17 +221,25 @@ def _generate(closed: Any, params: Any, args: tuple, names: list[str], axes: lis
     return source, em.buffers
 
 
-def _script(source: str, buffers: dict[str, np.ndarray]) -> torch.jit.ScriptModule:
+def instantiate(source: str, buffers: dict[str, np.ndarray]) -> torch.nn.Module:
+    """The generated module, eager, with its buffers."""
     global _script_count
     _script_count += 1
     filename = f"<trainkit-torchscript-{_script_count}>"
-    # torch.jit.script reads the class source through inspect/linecache; register the generated text there.
+    # torch.jit.script and torch.export read the source through inspect/linecache; register the text there.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace: dict[str, Any] = {"__name__": _GENERATED_MODULE}
-    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 (our own generated source)
-    module = namespace["TrainkitExport"]()
+    generated = types.ModuleType(_GENERATED_MODULE)  # torch.export's tracer of nested functions imports it
+    generated.__file__ = filename
+    sys.modules[_GENERATED_MODULE] = generated
+    exec(compile(source, filename, "exec"), generated.__dict__)  # noqa: S102 (our own generated source)
+    module = generated.TrainkitExport()
     for name, value in buffers.items():
         module.register_buffer(name, to_tensor(value))
+    return module
+
+
+def _script(source: str, buffers: dict[str, np.ndarray]) -> torch.jit.ScriptModule:
+    module = instantiate(source, buffers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -23,7 +23,7 @@ TOLERANCES = {"bfloat16": 3e-2, "float16": 3e-3, "float32": PARITY_TOLERANCE, "f
 REPEAT_CALLS = 3  # parity calls the module this often on each input set: it must answer the same every time
 
 
-def parity(fn: Callable[..., Any], params: Any, module: torch.nn.Module, args: Sequence[Any],
+def parity(fn: Callable[..., Any], params: Any, module: Callable[..., Any], args: Sequence[Any],
            with_forces: bool = False, calls: int = REPEAT_CALLS) -> dict[str, float]:
     """Compare `module(*args)`, called `calls` times, with `fn(params, *args)` in JAX (and forces when
     `with_forces`).
@@ -41,7 +41,8 @@ def parity(fn: Callable[..., Any], params: Any, module: torch.nn.Module, args: S
         ref = jax.tree.leaves(jax.jit(fn)(params, *args))
         if with_forces:
             ref = [ref[0], -jax.jit(jax.grad(first_output_sum))(args[0])]
-    device = next(iter(module.buffers()), torch.empty(0)).device
+    buffers = module.buffers() if isinstance(module, torch.nn.Module) else iter(())
+    device = next(iter(buffers), torch.empty(0)).device
     got = call_repeatedly(module, [to_tensor(a).to(device) for a in args], calls)
     if len(got) != len(ref):
         raise TrainkitError(f"the module returned {len(got)} outputs, JAX {len(ref)}")
@@ -94,9 +95,9 @@ def tolerance(args: tuple, closed: core.ClosedJaxpr) -> float:
     return max((TOLERANCES[d] for d in dtypes if d in TOLERANCES), default=PARITY_TOLERANCE)
 
 
-def checked_parity(fn: Callable[..., Any], params: Any, module: torch.jit.ScriptModule, args: tuple,
-                    axes: list[dict[int, str]], bounds: list[Bound], with_forces: bool,
-                    tolerance: float | str) -> dict[str, Any]:
+def checked_parity(fn: Callable[..., Any], params: Any, module: Callable[..., Any], args: tuple,
+                   axes: list[dict[int, str]], bounds: list[Bound], with_forces: bool,
+                   tolerance: float | str, kind: str = "TorchScript") -> dict[str, Any]:
     """`parity` on the example inputs and, where there are dynamic axes, on a copy one shorter along each of
     them (skipped if JAX itself cannot run it, e.g. indices into a shortened axis); raises past `tolerance`."""
     worst: dict[str, Any] = {"max_abs": 0.0, "max_rel": 0.0, "sizes": []}
@@ -112,7 +113,7 @@ def checked_parity(fn: Callable[..., Any], params: Any, module: torch.jit.Script
                                                                                           report["max_rel"])
         if not report["max_rel"] <= tolerance:
             shapes = ", ".join(str(tuple(a.shape)) for a in inputs)
-            raise TrainkitError(f"TorchScript export does not match JAX on inputs of shape {shapes}: max_rel="
+            raise TrainkitError(f"{kind} export does not match JAX on inputs of shape {shapes}: max_rel="
                                 f"{report['max_rel']:.3g}, max_abs={report['max_abs']:.3g} (tolerance "
                                 f"{tolerance:g}); this is a converter bug, please report it with the model")
     return worst

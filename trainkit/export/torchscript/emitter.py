@@ -89,11 +89,17 @@ class Emitter:
     rules: primitive name -> translation, for every primitive (structural ones included); `registry.RULES`.
     plan: the chains of a jaxpr to emit as one native torch op (gelu, softmax, ...); `registry.plan_fusions`, or
       None to translate equation by equation.
+    grad: where torch autograd and JAX's derivative differ (|x| at 0, clamp at its bounds, a masked NaN, a
+      custom_jvp rule), the code that gives JAX's gradient is slower; `when_grad` picks. "runtime": both, chosen
+      by `x.requires_grad` on each call (TorchScript); "exact": always JAX's (a graph traced once for autograd,
+      torch.export); "none": never (a graph that is not differentiated: AOTInductor).
     """
 
-    def __init__(self, rules: Mapping[str, Rule], plan: Planner | None = None, device: str = "_dev"):
+    def __init__(self, rules: Mapping[str, Rule], plan: Planner | None = None, device: str = "_dev",
+                 grad: str = "runtime"):
         self.rules = rules
         self.plan = plan
+        self.grad = grad
         self.device = device
         self.lines: list[str] = []
         self.buffers: dict[str, np.ndarray] = {}
@@ -109,6 +115,7 @@ class Emitter:
         # State of the custom_jvp rule (rules/calls.py): it lives as long as one export, as this emitter does.
         self.jvp_nesting = 0  # JVP branches enclosing the equation being translated
         self.jvp_cache: dict[int, tuple] = {}  # id(custom_jvp_call equation) -> (JVP jaxpr, consts, zero tangents)
+        self.control_flow: set[str] = set()  # what control flow became (rules/hops.py), for the sidecar
 
     # ---- text -------------------------------------------------------------------------------------------
     def fresh(self, prefix: str = "t") -> str:
@@ -188,7 +195,16 @@ class Emitter:
         self._no_grad.add(name)
 
     def needs_grad(self, x: Value) -> bool:
-        return not isinstance(x, core.Literal) and x not in self._no_grad
+        return self.grad != "none" and not isinstance(x, core.Literal) and x not in self._no_grad
+
+    def when_grad(self, values: Sequence[Value], exact: str, fast: str) -> str:
+        """`exact` where one of `values` may require grad, else `fast` (see `grad`)."""
+        live = [x for x in values if self.needs_grad(x)]
+        if not live:
+            return fast
+        if self.grad == "exact":
+            return exact
+        return f"{exact} if {' or '.join(f'{x}.requires_grad' for x in live)} else {fast}"
 
     # ---- jaxprs -----------------------------------------------------------------------------------------
     def run_closed(self, closed: Any, args: list[Value]) -> list[Value]:

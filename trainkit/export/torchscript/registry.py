@@ -12,7 +12,7 @@ Layers, each importing only those below it (tests/test_torchscript_registry.py c
     registry   this table
     fusion/    a chain of equations → one native torch op (graph, native, dense, attention)
     rules/     one equation → torch code (elementwise, shapes, contraction, indexing, calls, control_flow,
-               random: constant keys evaluated at export)
+               random: constant keys evaluated at export; hops: control flow for torch.export)
     emitter    Emitter, Value, Unsupported and the code-text helpers; knows no primitive
 
 How to add
@@ -40,11 +40,16 @@ from jax._src import core
 from trainkit.export.torchscript.emitter import Fusion, Rule, rule_table
 from trainkit.export.torchscript.fusion import attention, dense, native
 from trainkit.export.torchscript.fusion.graph import Matcher, plan
-from trainkit.export.torchscript.rules import calls, contraction, control_flow, elementwise, indexing, random, shapes
+from trainkit.export.torchscript.rules import (calls, contraction, control_flow, elementwise, hops, indexing, random,
+                                              shapes)
 
 RULES: Mapping[str, Rule] = MappingProxyType(rule_table(
     elementwise.RULES, shapes.RULES, contraction.RULES, indexing.RULES, calls.RULES, control_flow.RULES,
     random.RULES))
+
+# torch.export's table (`.pt2`, AOTInductor): the same, with control flow as torch's higher-order ops.
+EXPORT_RULES: Mapping[str, Rule] = MappingProxyType({**RULES, **hops.RULES})
+assert set(hops.RULES) <= set(RULES)
 
 FUSION_PASSES: tuple[Mapping[str, tuple[Matcher, ...]], ...] = (
     {  # chains that contain other matchers' chains: attention a softmax, the in-place ones a Dense

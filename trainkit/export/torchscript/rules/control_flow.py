@@ -50,14 +50,18 @@ def emit_while(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
     return list(carry)
 
 
+def scan_operands(p: dict, n: int) -> tuple[int, int]:
+    """How many of a scan's `n` operands are constants and carries (the rest are xs)."""
+    if "ft_in" in p:  # jax >= 0.11: a FlatTree grouping the operands as (consts, carry, xs)
+        consts, carry, _ = p["ft_in"].update(list(range(n))).unpack()
+        return len(list(consts)), len(list(carry))
+    return p["num_consts"], p["num_carry"]
+
+
 def emit_scan(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
     """A `for` loop over the leading axis; per-step outputs are collected in lists and stacked."""
     p = eqn.params
-    if "ft_in" in p:  # jax >= 0.11: a FlatTree grouping the operands as (consts, carry, xs)
-        consts_, carry_, _ = p["ft_in"].update(list(range(len(ins)))).unpack()
-        nc, ncarry = len(list(consts_)), len(list(carry_))
-    else:
-        nc, ncarry = p["num_consts"], p["num_carry"]
+    nc, ncarry = scan_operands(p, len(ins))
     consts, init, xs = ins[:nc], ins[nc:nc + ncarry], [g.t(x) for x in ins[nc + ncarry:]]
     length = g.dim(p["length"])
     carry = [g.fresh("w") for _ in init]

@@ -54,7 +54,7 @@ def _abs(g: Emitter, eqn, ins) -> list[str]:
     if not is_float(eqn.invars[0].aval):
         return [f"torch.abs({x})"]
     # JAX's d|x|/dx is 1 at 0, torch's is 0
-    return [f"torch.where({x} >= 0, {x}, -{x}) if {x}.requires_grad else torch.abs({x})"]
+    return [g.when_grad([x], f"torch.where({x} >= 0, {x}, -{x})", f"torch.abs({x})")]
 
 
 def _round(g: Emitter, eqn, ins) -> list[str]:
@@ -151,10 +151,8 @@ def _select_n(g: Emitter, eqn, ins) -> list[str]:
     p = g.t(pred)
     if eqn.invars[0].aval.dtype == np.bool_:
         if is_float(eqn.outvars[0].aval) and any(g.needs_grad(c) for c in cases):
-            live = [c for c in cases if isinstance(c, str) and g.needs_grad(c)]
             plain = f"torch.where({p}, {g.s(cases[1])}, {g.s(cases[0])})"
-            return [f"{selected(g, p, cases[1], cases[0])} if {' or '.join(f'{c}.requires_grad' for c in live)} "
-                    f"else {plain}"]
+            return [g.when_grad(cases, selected(g, p, cases[1], cases[0]), plain)]
         if eqn.outvars[0].aval.dtype == np.bool_:  # TorchScript types where(p, True, t) as Long: tensors only
             return [f"torch.where({p}, {g.t(cases[1])}, {g.t(cases[0])})"]
         return [f"torch.where({p}, {g.s(cases[1])}, {g.s(cases[0])})"]
@@ -187,7 +185,7 @@ def _clamp(g: Emitter, eqn, ins) -> list[str]:
         fast = f"torch.minimum(torch.maximum({x}, {g.t(ins[0])}), {g.t(ins[2])})"
     # lax.clamp passes the gradient only strictly inside (lo, hi); torch.clamp also at the bounds.
     exact = selected(g, f"(({x} > {lo}) & ({x} < {hi}))", x, f"{fast}.detach()")
-    return [f"{exact} if {x}.requires_grad else {fast}"]
+    return [g.when_grad([x], exact, fast)]
 
 
 def _convert(g: Emitter, eqn, ins) -> list[str]:
