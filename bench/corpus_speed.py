@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import subprocess
@@ -213,7 +212,6 @@ def _table(cases: dict[str, list[dict]], exports: dict[str, dict]) -> str:
 
 
 def run(quick: bool, cases: str = "") -> Section:
-    import jax
     import torch
 
     load_start = os.getloadavg()
@@ -256,11 +254,8 @@ def run(quick: bool, cases: str = "") -> Section:
         f"{len(ok)} exported" + (f"; refused: {', '.join(failed)}" if failed else "") + ".",
         _table(measured, exports),
         PROFILE_NOTE + ".",
-        f"torch {torch.__version__}, jax {jax.__version__}. {rounds} alternating rounds × up to {calls} calls per "
-        f"side (fewer when a call is slow: ≤ {ROUND_BUDGET_S} s per side and round); speed = median of the "
-        f"per-round ratios. '1 thread each': a fresh process with XLA_FLAGS='{SINGLE_THREAD_XLA}' and "
-        f"torch.set_num_threads(1). Load average (1, 5, 15 min) at start {', '.join(f'{v:.2f}' for v in load_start)}, "
-        f"at end {', '.join(f'{v:.2f}' for v in load_end)}, on {os.cpu_count()} cores.",
+        harness.method_note(rounds, calls, ROUND_BUDGET_S, f"XLA_FLAGS='{SINGLE_THREAD_XLA}' and "
+                            "torch.set_num_threads(1)", load_start, load_end),
     ]
     return section
 
@@ -281,17 +276,7 @@ def main() -> None:
         cases = measure([c for c in args.cases.split(",") if c], args.pt_dir, args.quick)
         args.single_thread_worker.write_text(json.dumps(cases))
         return
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # some corpus libraries print on import
-        section = run(args.quick, args.cases)
-    section.seconds = time.perf_counter() - start
-    if args.json:
-        args.json.write_text(json.dumps(section.to_json(), indent=2))
-    else:
-        import run as report  # bench/run.py renders sections: the same text as in BENCHMARKS.md
-
-        print(report.markdown(section.to_json()))
-
+    harness.report(lambda: run(args.quick, args.cases), args.json, quiet=True)
 
 if __name__ == "__main__":
     main()

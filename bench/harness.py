@@ -154,17 +154,43 @@ def reuse_compilations(directory: Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def method_note(rounds: int, calls: int, budget_s: float, single_thread: str, load_start: Sequence[float],
+                load_end: Sequence[float], extra: str = "") -> str:
+    """The closing note of a paired-speed section (time_pair): versions, rounds, the 1-thread setting, load."""
+    import jax
+    import torch
+
+    def load(values: Sequence[float]) -> str:
+        return ", ".join(f"{v:.2f}" for v in values)
+
+    return (f"torch {torch.__version__}, jax {jax.__version__}. {rounds} alternating rounds × up to {calls} calls per "
+            f"side (fewer when a call is slow: ≤ {budget_s} s per side and round); speed = median of the per-round "
+            f"ratios.{extra} '1 thread each': a fresh process with {single_thread}. Load average (1, 5, 15 min) at "
+            f"start {load(load_start)}, at end {load(load_end)}, on {os.cpu_count()} cores.")
+
+
 def main(run: Callable[[bool], Section]) -> None:
     """The CLI of one section: `--quick` for the short variant, `--json OUT` to write the result there."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    report(lambda: run(args.quick), args.json)
+
+
+def report(run: Callable[[], Section], json_path: Path | None, quiet: bool = False) -> None:
+    """Run a section, timed: write it as JSON to `json_path` (what bench/run.py reads), or print it as the
+    markdown of BENCHMARKS.md. `quiet`: swallow what the run prints (some corpus libraries print on import)."""
+    import contextlib
+    import io
+
     start = time.perf_counter()
-    section = run(args.quick)
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        section = run()
     section.seconds = time.perf_counter() - start
-    text = json.dumps(section.to_json(), indent=2)
-    if args.json:
-        args.json.write_text(text)
+    if json_path:
+        json_path.write_text(json.dumps(section.to_json(), indent=2))
     else:
-        print(text)
+        import run as rendering  # bench/run.py renders sections: the same text as in BENCHMARKS.md
+
+        print(rendering.markdown(section.to_json()))

@@ -403,16 +403,7 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         args.out.write_text(json.dumps(measure(args.measure_worker, args.quick)))
         return
-    start = time.perf_counter()
-    section = run(args.quick)
-    section.seconds = time.perf_counter() - start
-    if args.json:
-        args.json.write_text(json.dumps(section.to_json(), indent=2))
-    else:
-        import run as report  # bench/run.py renders sections: the same text as in BENCHMARKS.md
-
-        print(report.markdown(section.to_json()))
-
+    harness.report(lambda: run(args.quick), args.json)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Run every benchmark and rewrite BENCHMARKS.md.
 
-    python bench/run.py            # the full run (~22 min on 2 cores), writes ./BENCHMARKS.md
-    python bench/run.py --quick    # ~3 min, smaller sizes and fewer repetitions
+    python bench/run.py            # the full run (~37 min on 2 cores), writes ./BENCHMARKS.md
+    python bench/run.py --quick    # ~4.5 min, smaller sizes and fewer repetitions
     python bench/run.py --only loop,first_step --out /tmp/B.md
 
 Each section runs in its own process (bench/<section>.py --json), so one section's memory, threads and
@@ -33,7 +33,10 @@ SECTIONS = {  # key -> script, in report order
     "first_step": "first_step.py",
     "corpus": "corpus_speed.py",
     "md_scaling": "md_scaling.py",
+    "torch_export": "torch_export_speed.py",
 }
+# Seconds a full section may run (--quick: 600 each). AOTInductor compiles one package per function, 8-70 s each.
+FULL_TIMEOUT_S = {"torch_export": 3600}
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore", "grain", "torch", "numpy")
 
 
@@ -218,7 +221,7 @@ def main() -> None:
     sections = []
     for key in keys:
         print(f"bench: {key} ...", flush=True)
-        section = run_section(key, args.quick, timeout=600 if args.quick else 1200)
+        section = run_section(key, args.quick, timeout=600 if args.quick else FULL_TIMEOUT_S.get(key, 1200))
         sections.append(section)
         for figure in section["figures"]:
             print(f"  {figure['name']}: {_value(figure)} ({_result(figure)})", flush=True)

@@ -36,7 +36,8 @@ from trainkit.export import to_torch_export
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
                                         "ignore::FutureWarning")
 SIZES = ({"batch": 5, "atoms": 16, "seq": 10}, {"batch": 1, "atoms": 5, "seq": 3})  # neither traced (2, 8, 8)
-AOTI_CASES = ("jaxmd_lj_neighbor_list-f32", "flax_causal_self_attention-f32", "eqx_gru_scan-f32")
+AOTI_CASES = ("jaxmd_lj_neighbor_list-f32", "flax_causal_self_attention-f32", "eqx_gru_scan-f32",
+              "flax_bidirectional_gru-f32", "jnp_while_loop-f32")  # + a reverse scan, a data-dependent loop
 
 RUNNER = """
 import json, sys, numpy as np, torch

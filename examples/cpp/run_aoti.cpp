@@ -19,7 +19,10 @@
 // The package checks each call's input shapes and dtypes against the program's (AOTI_RUNTIME_CHECK_INPUTS=1,
 // set here unless the environment sets it): without the check, inputs of the wrong shape (3x11 for 11x3) run and
 // give garbage, or read out of bounds. (torch.export assumes dynamic sizes >= 2 and the check would refuse 1; trainkit
-// compiles its packages with aot_inductor.check_lowerbound off, so 1 atom runs, as it does in JAX.)
+// compiles its packages with aot_inductor.check_lowerbound off, so 1 atom runs, as it does in JAX.) torch's check
+// can also refuse sizes the program allows, from guards Inductor adds while tuning kernels (a CNN traced at batch 2
+// refused batch 16): run with AOTI_RUNTIME_CHECK_INPUTS=0 then, and check shapes yourself, as trainkit's Python
+// loader (trainkit.export.runtime.CheckedPackage) does from the package's metadata entry trainkit.inputs.
 //
 // A package holds machine code for the machine it was compiled on. Before loading it, the package's metadata
 // (AOTI_MACHINE, AOTI_CPU_ISA, AOTI_DEVICE_KEY, written by torch) is printed to stderr and compared with this

@@ -7,6 +7,7 @@ first call dies of an illegal instruction. `load_package` compares the package's
 `AOTI_MACHINE`, `AOTI_CPU_ISA`, `AOTI_COMPUTE_CAPABILITY`, written by torch, and `trainkit.cpu_flags`) with
 this process and refuses in one
 line, naming the fix. The ISA this process may use honours `ATEN_CPU_CAPABILITY`, as torch's own kernels do.
+The loaded package checks its inputs on every call (`CheckedPackage`).
 
 This module imports torch and the standard library only: copy it into a service that has neither JAX nor
 trainkit, or call `trainkit.export.runtime.load_package` (importing it imports nothing else of trainkit's).
@@ -14,6 +15,7 @@ trainkit, or call `trainkit.export.runtime.load_package` (importing it imports n
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -88,13 +90,69 @@ def check_target(metadata: dict[str, str], name: str) -> None:
                                      f"{major}{minor}; {fix}")
 
 
-def load_package(path: str | os.PathLike) -> Any:
-    """`torch._inductor.aoti_load_package(path)`, after `check_target`: a callable `runner(*inputs)`, which
-    checks its inputs' shapes and dtypes on every call (a package does not by default: an input of the wrong
-    shape would be read as if it were right; `AOTI_RUNTIME_CHECK_INPUTS=1`, set here for this process)."""
+INPUTS = "trainkit.inputs"  # the package metadata key: JSON [{"name", "shape": [int | dim name], "dtype"}, ...]
+
+
+class PackageInputError(RuntimeError):
+    """An input that does not fit the package's signature."""
+
+
+class CheckedPackage:
+    """A loaded package that checks its inputs first. A package does not check them itself (torch's optional
+    check, AOTI_RUNTIME_CHECK_INPUTS=1, also refuses sizes the program allows, from guards Inductor adds while
+    tuning: a CNN traced at batch 2 refused batch 16), and reads an input of the wrong shape, dtype or strides
+    as if it were right. Here each input must have its rank, its static sizes and the same size for the same
+    dimension name, within the bounds; it is cast to the package's dtype and made contiguous."""
+
+    def __init__(self, runner: Any, name: str):
+        self.runner, self.name = runner, name
+        self.inputs = json.loads(runner.get_metadata().get(INPUTS, "null"))
+
+    def get_metadata(self) -> dict[str, str]:
+        return self.runner.get_metadata()
+
+    def __call__(self, *inputs: Any) -> Any:
+        if self.inputs is None:  # a package not made by trainkit: as it is
+            return self.runner(*inputs)
+        if len(inputs) != len(self.inputs):
+            raise PackageInputError(f"{self.name} takes {len(self.inputs)} inputs "
+                                    f"({', '.join(i['name'] for i in self.inputs)}), got {len(inputs)}")
+        sizes: dict[str, int] = {}
+        ready = []
+        for x, spec in zip(inputs, self.inputs):
+            shape = spec["shape"]
+            if x.dim() != len(shape):
+                raise PackageInputError(f"{self.name}: input '{spec['name']}' must have {len(shape)} dimensions "
+                                        f"({shape}), got shape {list(x.shape)}")
+            for axis, (want, got) in enumerate(zip(shape, x.shape)):
+                if isinstance(want, int) and got != want:
+                    raise PackageInputError(f"{self.name}: input '{spec['name']}' axis {axis} must have size "
+                                            f"{want}, got {got}")
+                if isinstance(want, str) and sizes.setdefault(want, got) != got:
+                    raise PackageInputError(f"{self.name}: input '{spec['name']}' axis {axis} is '{want}', "
+                                            f"{sizes[want]} in an earlier input, got {got}")
+            ready.append(x.to(getattr(__import__("torch"), spec["dtype"])).contiguous())
+        for dim, n in sizes.items():
+            lo, hi = self.bounds.get(dim, (1, None))
+            if n < lo or (hi is not None and n > hi):
+                raise PackageInputError(f"{self.name}: dimension '{dim}' is {n}, outside [{lo}, {hi or 'inf'}]")
+        return self.runner(*ready)
+
+    @property
+    def bounds(self) -> dict[str, tuple[int, int | None]]:
+        dims = json.loads(self.runner.get_metadata().get(DIMS, "{}"))
+        return {k: (v["min"], v["max"]) for k, v in dims.items()}
+
+
+DIMS = "trainkit.dims"  # the package metadata key: JSON {dim name: {"min": int, "max": int | None}}
+
+
+def load_package(path: str | os.PathLike) -> CheckedPackage:
+    """`torch._inductor.aoti_load_package(path)` after `check_target`, as a callable `runner(*inputs)` that
+    checks its inputs (`CheckedPackage`)."""
     import torch
 
-    os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
     runner = torch._inductor.aoti_load_package(os.fspath(path))
-    check_target(runner.get_metadata(), os.path.basename(os.fspath(path)))
-    return runner
+    name = os.path.basename(os.fspath(path))
+    check_target(runner.get_metadata(), name)
+    return CheckedPackage(runner, name)

@@ -144,6 +144,8 @@ def _indexes_past(a: np.ndarray, sizes: dict[str, int], new: dict[str, int]) -> 
 
 
 def to_tensor(value: np.ndarray) -> torch.Tensor:
+    """A contiguous copy (an AOTInductor package assumes the strides it was traced with: the example's must be
+    the contiguous ones its callers pass; `runtime.CheckedPackage` makes every input contiguous)."""
     if value.dtype.name == "bfloat16":
-        return torch.from_numpy(value.astype(np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(np.array(value, copy=True))
+        return torch.from_numpy(value.astype(np.float32)).to(torch.bfloat16).contiguous()
+    return torch.from_numpy(np.array(value, copy=True, order="C"))

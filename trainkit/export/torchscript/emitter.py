@@ -116,6 +116,7 @@ class Emitter:
         self.jvp_nesting = 0  # JVP branches enclosing the equation being translated
         self.jvp_cache: dict[int, tuple] = {}  # id(custom_jvp_call equation) -> (JVP jaxpr, consts, zero tangents)
         self.control_flow: set[str] = set()  # what control flow became (rules/hops.py), for the sidecar
+        self.nested = 0  # depth of the nested functions being emitted (rules/hops.py): literals become ops there
 
     # ---- text -------------------------------------------------------------------------------------------
     def fresh(self, prefix: str = "t") -> str:
@@ -174,6 +175,8 @@ class Emitter:
         if is_key(x.aval):
             raise Unsupported("uses a PRNG key as a number; only random draws from constant keys are exported")
         val = np.asarray(x.val, dtype=x.aval.dtype)
+        if self.nested and val.ndim == 0:  # AOTInductor inlines a small buffer, and cannot pass one into a loop
+            return self.assign(f"torch.full([], {py_scalar(val)}, dtype={self.dtype(val.dtype)}, device={self.device})")
         key = (val.dtype.str, val.tobytes())
         if key not in self._literal_buffers:
             name = f"k{len(self._literal_buffers)}"

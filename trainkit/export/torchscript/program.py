@@ -14,6 +14,7 @@ What differs from TorchScript's emission, and why:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from trainkit.errors import TrainkitError
-from trainkit.export.runtime import CPU_FLAGS, cpu_flags, load_package
+from trainkit.export.runtime import CPU_FLAGS, DIMS, INPUTS, cpu_flags, load_package
 from trainkit.export.torchscript.api import DynamicAxes, instantiate, translate
 from trainkit.export.torchscript.checks import checked_parity, to_tensor, tolerance
 from trainkit.export.torchscript.emitter import Emitter
@@ -83,6 +84,9 @@ def to_torch_export(fn: Callable[..., Any], params: Any, example_args: Sequence[
                          sorted(em.control_flow))
     extra = dict(extra_files or {})
     if compile:
+        signature = [{"name": n, "shape": [spec.get(i, d) for i, d in enumerate(a.shape)], "dtype": a.dtype.name}
+                     for n, a, spec in zip(t.names, t.args, t.axes)]
+        extra.update({INPUTS: json.dumps(signature), DIMS: json.dumps(export.dims)})
         export.package = _compile(program, path, extra)
         runner = load_package(export.package)
         export.run, export.target = runner, {k: v for k, v in runner.get_metadata().items() if k.startswith("AOTI_")}
@@ -122,7 +126,10 @@ def _compile(program: torch.export.ExportedProgram, path: str | None, metadata: 
             return torch._inductor.aoti_compile_and_package(
                 program, package_path=None if path is None else os.fspath(path), inductor_configs={
                     "aot_inductor.metadata": {**metadata, CPU_FLAGS: " ".join(sorted(cpu_flags())) if native else ""},
-                    "aot_inductor.check_lowerbound": False,  # sizes 1 run (JAX's and the .pt2's do)
+                    # with AOTI_RUNTIME_CHECK_INPUTS=1 (the C++ example), sizes of 1 pass, as in JAX and the .pt2
+                    "aot_inductor.check_lowerbound": False,
+                    # Inductor inlines small weights as constants, and cannot lower a loop that takes one
+                    "always_keep_tensor_constants": True,
                 })
         except Exception as e:
             raise TrainkitError(f"AOTInductor could not compile the program ({_first_line(e)}); this is a "

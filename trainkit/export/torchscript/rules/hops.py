@@ -30,6 +30,7 @@ def function(g: Emitter, params: Sequence[str], body: Callable[[], list[Value]],
     as one tuple; `unpack`: a first line (a scan step's tuples into names); the first `carry` outputs are
     loop carries, returned contiguous (a loop's carry must keep its strides from step to step)."""
     name = g.fresh("f")
+    g.nested += 1
     with g.block(f"def {name}({', '.join(params)}):"):
         if unpack:
             g.emit(unpack)
@@ -45,6 +46,7 @@ def function(g: Emitter, params: Sequence[str], body: Callable[[], list[Value]],
             g.emit(f"return {_tuple(fresh)}")
         else:
             g.emit(f"return {_tuple(fresh[:split])}, {_tuple(fresh[split:])}")
+    g.nested -= 1
     return name
 
 
@@ -53,8 +55,9 @@ def _tuple(items: Sequence[str]) -> str:
 
 
 def _contiguous(g: Emitter, values: list[Value]) -> list[str]:
-    """A loop's initial carry as contiguous tensors (a broadcast zero state has stride 0; the body's do not)."""
-    return [g.assign(f"{x}.contiguous()") for x in g.materialize(values)]
+    """A loop's initial carry as new contiguous tensors: a broadcast zero state has stride 0 (the body's
+    results do not), and AOTInductor cannot lower a loop that carries a constant (a literal's buffer)."""
+    return [g.assign(f"{x}.clone(memory_format=torch.contiguous_format)") for x in g.materialize(values)]
 
 
 def _bind(g: Emitter, expr: str, n: int, prefix: str = "r") -> list[str]:
@@ -106,8 +109,10 @@ def emit_while(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
 
 def emit_scan(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
     """`scan(step, carry, xs, reverse=...)` along the leading axis. A scan without xs (a fori_loop) scans over
-    `arange(length)`, one without carry carries a dummy scalar, and one without per-step outputs stacks a
-    dummy scalar: the op (and its AOTInductor lowering) needs all three."""
+    `arange(length)`, and one without carry carries a dummy scalar: the op needs both. For AOTInductor (no
+    autograd), the per-step outputs are written into buffers in the carry, at the step's index, and the op's
+    own outputs are a dummy scalar: Inductor cannot lower stacked outputs with a dynamic size (KeyError on the
+    size's symbol), nor a scan without outputs."""
     p = eqn.params
     nc, ncarry = control_flow.scan_operands(p, len(ins))
     integer_carry = any(not is_float(v.aval) for v in eqn.invars[nc:nc + ncarry])
@@ -117,28 +122,39 @@ def emit_scan(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
         return control_flow.emit_scan(g, eqn, ins)
     g.control_flow.add(HOP_NAMES["scan"])
     consts, init, xs = ins[:nc], _contiguous(g, ins[nc:nc + ncarry]), [g.t(x) for x in ins[nc + ncarry:]]
+    y_vars, length = eqn.outvars[ncarry:], g.dim(p["length"])
+    buffered = g.grad == "none" and bool(y_vars)
+    if buffered:
+        init += [g.assign(f"torch.zeros({g.shape(v.aval.shape)}, dtype={g.dtype(v.aval.dtype)}, device={g.device})")
+                 for v in y_vars] + [g.assign(f"torch.zeros([], dtype=torch.int64, device={g.device})")]
     dummy_x = not xs
     if dummy_x:
-        xs = [g.assign(f"torch.arange({g.dim(p['length'])}, device={g.device})")]
+        xs = [g.assign(f"torch.arange({length}, device={g.device})")]
     dummy_carry = not init
     if dummy_carry:
         init = [g.assign(f"torch.zeros([], device={g.device})")]
     carry_p, x_p, cs, xp = [g.fresh("c") for _ in init], [g.fresh("x") for _ in xs], g.fresh("cs"), g.fresh("xs")
     unpack = f"{', '.join(carry_p)}, = {cs}; {', '.join(x_p)}, = {xp}"
-
-    dummy_y = len(eqn.outvars) == ncarry  # AOTInductor cannot lower a scan without per-step outputs
+    scalar = f"torch.zeros([], device={g.device})"
 
     def step() -> list[Value]:
-        outs = g.run_closed(p["jaxpr"], consts + ([] if dummy_carry else carry_p) + ([] if dummy_x else x_p))
-        scalar = f"torch.zeros([], device={g.device})"
-        return ([carry_p[0]] if dummy_carry else []) + outs + ([scalar] if dummy_y else [])
+        outs = g.run_closed(p["jaxpr"], consts + carry_p[:ncarry] + ([] if dummy_x else x_p))
+        if not buffered:
+            return ([carry_p[0]] if dummy_carry else []) + outs + ([] if y_vars else [scalar])
+        i = carry_p[-1]
+        at = g.assign(f"({length} - 1 - {i}).reshape([1])" if p["reverse"] else f"{i}.reshape([1])")
+        written = [g.assign(f"{b}.index_copy(0, {at}, {g.t(y)}.unsqueeze(0))")
+                   for b, y in zip(carry_p[ncarry:], outs[ncarry:])]
+        return outs[:ncarry] + written + [g.assign(f"{i} + 1"), scalar]
 
     with g.inside("scan body"):
         fn = function(g, [cs, xp], step, unpack, split=len(init), carry=len(init))
     ys_out, carry_out = g.fresh("ys"), g.fresh("cs")
     g.emit(f"{carry_out}, {ys_out} = {HOPS}.scan({fn}, {_tuple(init)}, {_tuple(xs)}, reverse={bool(p['reverse'])})")
     carry = [] if dummy_carry else _bind(g, carry_out, len(init), "w")
-    return carry + _bind(g, ys_out, len(eqn.outvars) - ncarry + dummy_y, "ys")[:len(eqn.outvars) - ncarry]
+    if buffered:
+        return carry[:ncarry + len(y_vars)]
+    return carry + _bind(g, ys_out, max(len(y_vars), 1), "ys")[:len(y_vars)]
 
 
 # What the torch.export table (`registry.EXPORT_RULES`) puts in place of `control_flow.RULES`' statements.
