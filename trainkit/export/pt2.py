@@ -12,12 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from trainkit.export.formats import ArtifactSpec, Report
-from trainkit.export.parity import TRACE_DIMS, measure, output_names
-from trainkit.export.torchscript import call_repeatedly, to_torch_export
+from trainkit.export.pt import measured, translation_args
+from trainkit.export.torchscript import to_torch_export
 from trainkit.models import Task
 
 PACKAGE_METADATA = "trainkit.model_json"
@@ -34,18 +33,12 @@ def write_aoti(task: Task, params: Any, path: Path, spec: ArtifactSpec) -> Repor
 
 
 def _write(task: Task, params: Any, path: Path, spec: ArtifactSpec, compile: bool) -> Report:
-    trace_args = task.example_inputs(0, TRACE_DIMS)
-    axes = [{i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in task.inputs]
     embedded = {**spec.metadata, "file": spec.file}
-    # parity_tolerance=None: the one check is below, on spec.args (other sizes than the traced ones).
-    export = to_torch_export(
-        task.predict, params, trace_args, str(path) if compile else None, dynamic_axes=axes,
-        input_names=[s.name for s in task.inputs], output_names=list(task.outputs), with_forces=task.has_forces,
-        parity_tolerance=None, compile=compile, extra_files={PACKAGE_METADATA: json.dumps(embedded)},
-    )
-    tensors = [torch.from_numpy(np.array(a, copy=True)) for a in spec.args]  # keeps 0-d inputs 0-d
-    out = call_repeatedly(export, tensors)
-    report = measure(spec, {name: o.numpy() for name, o in zip(output_names(task), out)})
+    # parity_tolerance=None: the one check is `measured`, on spec.args (other sizes than the traced ones).
+    export = to_torch_export(task.predict, params, **translation_args(task), path=str(path) if compile else None,
+                             parity_tolerance=None, compile=compile,
+                             extra_files={PACKAGE_METADATA: json.dumps(embedded)})
+    report = measured(task, spec, export)
     spec.facts.update(dims=export.dims, control_flow=export.control_flow)
     if compile:
         spec.facts["target"] = export.target

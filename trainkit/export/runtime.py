@@ -91,6 +91,7 @@ def check_target(metadata: dict[str, str], name: str) -> None:
 
 
 INPUTS = "trainkit.inputs"  # the package metadata key: JSON [{"name", "shape": [int | dim name], "dtype"}, ...]
+DIMS = "trainkit.dims"  # the package metadata key: JSON {dim name: {"min": int, "max": int | None}}
 
 
 class PackageInputError(RuntimeError):
@@ -102,11 +103,17 @@ class CheckedPackage:
     check, AOTI_RUNTIME_CHECK_INPUTS=1, also refuses sizes the program allows, from guards Inductor adds while
     tuning: a CNN traced at batch 2 refused batch 16), and reads an input of the wrong shape, dtype or strides
     as if it were right. Here each input must have its rank, its static sizes and the same size for the same
-    dimension name, within the bounds; it is cast to the package's dtype and made contiguous."""
+    dimension name, within the bounds; it is cast to the package's dtype and made contiguous. The signature is
+    read from the package's metadata once, at load."""
 
     def __init__(self, runner: Any, name: str):
+        import torch
+
         self.runner, self.name = runner, name
-        self.inputs = json.loads(runner.get_metadata().get(INPUTS, "null"))
+        metadata = runner.get_metadata()
+        self.inputs = json.loads(metadata.get(INPUTS, "null"))
+        self.dtypes = [getattr(torch, spec["dtype"]) for spec in self.inputs or []]
+        self.bounds = {k: (v["min"], v["max"]) for k, v in json.loads(metadata.get(DIMS, "{}")).items()}
 
     def get_metadata(self) -> dict[str, str]:
         return self.runner.get_metadata()
@@ -119,7 +126,7 @@ class CheckedPackage:
                                     f"({', '.join(i['name'] for i in self.inputs)}), got {len(inputs)}")
         sizes: dict[str, int] = {}
         ready = []
-        for x, spec in zip(inputs, self.inputs):
+        for x, spec, dtype in zip(inputs, self.inputs, self.dtypes):
             shape = spec["shape"]
             if x.dim() != len(shape):
                 raise PackageInputError(f"{self.name}: input '{spec['name']}' must have {len(shape)} dimensions "
@@ -131,20 +138,12 @@ class CheckedPackage:
                 if isinstance(want, str) and sizes.setdefault(want, got) != got:
                     raise PackageInputError(f"{self.name}: input '{spec['name']}' axis {axis} is '{want}', "
                                             f"{sizes[want]} in an earlier input, got {got}")
-            ready.append(x.to(getattr(__import__("torch"), spec["dtype"])).contiguous())
+            ready.append(x.to(dtype).contiguous())
         for dim, n in sizes.items():
             lo, hi = self.bounds.get(dim, (1, None))
             if n < lo or (hi is not None and n > hi):
                 raise PackageInputError(f"{self.name}: dimension '{dim}' is {n}, outside [{lo}, {hi or 'inf'}]")
         return self.runner(*ready)
-
-    @property
-    def bounds(self) -> dict[str, tuple[int, int | None]]:
-        dims = json.loads(self.runner.get_metadata().get(DIMS, "{}"))
-        return {k: (v["min"], v["max"]) for k, v in dims.items()}
-
-
-DIMS = "trainkit.dims"  # the package metadata key: JSON {dim name: {"min": int, "max": int | None}}
 
 
 def load_package(path: str | os.PathLike) -> CheckedPackage:

@@ -113,7 +113,7 @@ def translate(fn: Callable[..., Any], params: Any, example_args: Sequence[Any], 
         source, buffers = _generate(closed, params, args, names, axes, bounds, n_outputs, em)
     except TrainkitError as e:
         missing = re.search(r"primitive '([^']+)'", str(e))
-        if not with_forces or missing is None or missing[1] in primitives(trace(fn, params, args, axes, bounds)[0]):
+        if not with_forces or missing is None or missing[1] in _primitives(trace(fn, params, args, axes, bounds)[0]):
             raise
         raise TrainkitError(f"{e} (it is in JAX's derivative of the model, which with_forces=True translates: "
                             "export without with_forces and differentiate the module with torch autograd, or "
@@ -121,7 +121,7 @@ def translate(fn: Callable[..., Any], params: Any, example_args: Sequence[Any], 
     return Translation(args, names, axes, bounds, closed, source, buffers)
 
 
-def primitives(closed: core.ClosedJaxpr) -> set[str]:
+def _primitives(closed: core.ClosedJaxpr) -> set[str]:
     """The names of the primitives in a jaxpr and its sub-jaxprs."""
     names: set[str] = set()
     todo = [closed.jaxpr]

@@ -54,7 +54,7 @@ def _tuple(items: Sequence[str]) -> str:
     return f"({', '.join(items)},)" if items else "()"
 
 
-def _contiguous(g: Emitter, values: list[Value]) -> list[str]:
+def _new_carry(g: Emitter, values: list[Value]) -> list[str]:
     """A loop's initial carry as new contiguous tensors: a broadcast zero state has stride 0 (the body's
     results do not), and AOTInductor cannot lower a loop that carries a constant (a literal's buffer)."""
     return [g.assign(f"{x}.clone(memory_format=torch.contiguous_format)") for x in g.materialize(values)]
@@ -94,7 +94,7 @@ def emit_while(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
     p = eqn.params
     g.control_flow.add(HOP_NAMES["while"])
     nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    cond_consts, body_consts, init = ins[:nc], ins[nc:nc + nb], _contiguous(g, ins[nc + nb:])
+    cond_consts, body_consts, init = ins[:nc], ins[nc:nc + nb], _new_carry(g, ins[nc + nb:])
     carry = [g.fresh("w") for _ in init]
     with g.inside("while loop condition"):
         cond_fn = function(g, carry, lambda: g.run_closed(p["cond_jaxpr"], cond_consts + list(carry)))
@@ -121,7 +121,7 @@ def emit_scan(g: Emitter, eqn: core.JaxprEqn, ins: list[Value]) -> list[Value]:
         g.control_flow.add(f"scan: unrolled ({p['length']} steps)")
         return control_flow.emit_scan(g, eqn, ins)
     g.control_flow.add(HOP_NAMES["scan"])
-    consts, init, xs = ins[:nc], _contiguous(g, ins[nc:nc + ncarry]), [g.t(x) for x in ins[nc + ncarry:]]
+    consts, init, xs = ins[:nc], _new_carry(g, ins[nc:nc + ncarry]), [g.t(x) for x in ins[nc + ncarry:]]
     y_vars, length = eqn.outvars[ncarry:], g.dim(p["length"])
     buffered = g.grad == "none" and bool(y_vars)
     if buffered:
